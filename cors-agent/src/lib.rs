@@ -1,0 +1,7 @@
+//! cors-agent: route-scoped CORS enforcement in front of an app, configured with Gateway API
+//! `HTTPRoute` CORS filters and `AgentgatewayPolicy` resources.
+
+pub mod config;
+pub mod cors;
+pub mod engine;
+pub mod routes;
