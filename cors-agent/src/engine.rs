@@ -3,6 +3,7 @@
 //! [`decide`], so what `explain` prints is what the proxy does.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method, Uri};
 
@@ -38,7 +39,9 @@ pub struct Verdict<'t> {
     pub kind: RequestKind<'t>,
     /// `None`: no route matched, and the answer is a 404 made by the agent.
     pub hit: Option<RouteHit<'t>>,
-    /// The winning policy (a Gateway-level one for a request that matched no route).
+    /// Every policy that applies, winner first (Gateway-level ones when no route matched).
+    pub candidates: &'t [Arc<AttachedPolicy>],
+    /// The winning policy: `candidates[0]`.
     pub policy: Option<&'t AttachedPolicy>,
     pub decision: Decision<'t>,
 }
@@ -63,14 +66,16 @@ pub fn decide<'t>(
         },
     };
     let hit = table.find(&query);
-    let policy = match &hit {
-        Some(h) => h.rule.policy(),
-        None => table.fallback_policies().first().map(|p| &**p),
+    let candidates = match &hit {
+        Some(h) => &h.rule.policies[..],
+        None => table.fallback_policies(),
     };
+    let policy = candidates.first().map(|p| &**p);
     let decision = cors::evaluate(&kind, policy.map(|p| &p.policy), unmatched);
     Verdict {
         kind,
         hit,
+        candidates,
         policy,
         decision,
     }

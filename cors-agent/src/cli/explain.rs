@@ -1,0 +1,222 @@
+//! `cors-agent explain`: what the agent would do with one request, and why.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+
+use crate::cors::{Decision, OriginMatch, RequestKind, UnmatchedPreflights};
+use crate::engine::{Verdict, decide, load_table};
+use crate::routes::{AttachedPolicy, BuildOptions};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Show which route and policy a request gets, and the exact CORS answer",
+    after_help = "Examples:\n  cors-agent explain -f examples/httpbin.yaml -X OPTIONS https://www.example.com/get \\\n      -H 'Origin: https://example.com' -H 'Access-Control-Request-Method: GET'\n  cors-agent explain -f routes/ https://api.example.com/v1/items -H 'Origin: https://app.example.com'\n\nReach for it when a browser says \"blocked by CORS policy\": it shows the route, the winning\npolicy and the ones it beat, whether the origin is allowed and by which entry, and the status\nand headers the agent would send."
+)]
+pub struct ExplainArgs {
+    /// A YAML file or a folder of *.yaml / *.yml files (repeatable), as with kubectl apply -f.
+    #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// The request method.
+    #[arg(short = 'X', long = "request", default_value = "GET", value_name = "METHOD")]
+    pub method: String,
+    /// A request header, curl style (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "'NAME: VALUE'")]
+    pub headers: Vec<String>,
+    /// What the agent does with preflights from origins the policy does not allow.
+    #[arg(long, default_value = "local", value_name = "local|forward")]
+    pub unmatched_preflights: UnmatchedPreflights,
+    /// The request URL, e.g. https://www.example.com/get.
+    pub url: String,
+}
+
+pub fn run(args: &ExplainArgs) -> ExitCode {
+    let (method, uri, headers) = match parse_request(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_INVALID);
+        }
+    };
+    let (table, diags) = match load_table(&args.files, &BuildOptions::default()) {
+        Ok(t) => t,
+        Err(diags) => {
+            eprint!("{diags}");
+            return ExitCode::from(super::EXIT_INVALID);
+        }
+    };
+    eprint!("{diags}");
+    let verdict = decide(&table, &method, &uri, &headers, args.unmatched_preflights);
+    print!("{}", render(&method, &uri, &verdict));
+    ExitCode::SUCCESS
+}
+
+fn parse_request(args: &ExplainArgs) -> Result<(Method, Uri, HeaderMap), String> {
+    let method = Method::from_bytes(args.method.as_bytes())
+        .map_err(|_| format!("-X {:?}: not an HTTP method", args.method))?;
+    let uri: Uri = args
+        .url
+        .parse()
+        .map_err(|e| format!("{:?}: not a URL: {e}", args.url))?;
+    if uri.authority().is_none() {
+        return Err(format!(
+            "{:?}: give a full URL with the host the client uses, e.g. https://www.example.com/get",
+            args.url
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("-H {h:?}: expected 'Name: value'"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("-H {h:?}: {:?} is not a header name", name.trim()))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("-H {h:?}: the value has characters a header cannot carry"))?;
+        headers.append(name, value);
+    }
+    Ok((method, uri, headers))
+}
+
+fn describe_policy(p: &AttachedPolicy) -> String {
+    format!(
+        "{} {} at {}:{} ({})",
+        p.source.resource,
+        p.source.field,
+        p.source.file.display(),
+        p.source.line,
+        p.level
+    )
+}
+
+fn render(method: &Method, uri: &Uri, v: &Verdict<'_>) -> String {
+    let mut out = String::new();
+    let kind = match v.kind {
+        RequestKind::NoOrigin => "not a CORS request (no Origin header)".to_string(),
+        RequestKind::Preflight {
+            origin, method: m, ..
+        } => format!(
+            "preflight for {} from {}",
+            m.to_str().unwrap_or("?"),
+            origin.to_str().unwrap_or("?")
+        ),
+        RequestKind::Actual { origin } => {
+            format!("CORS request from {}", origin.to_str().unwrap_or("?"))
+        }
+    };
+    let _ = writeln!(out, "request:  {method} {uri}\n          {kind}");
+
+    match &v.hit {
+        Some(hit) => {
+            let rule = match &hit.rule.name {
+                Some(n) => format!("rule {} ({n:?})", hit.rule.index),
+                None => format!("rule {}", hit.rule.index),
+            };
+            let _ = writeln!(
+                out,
+                "route:    {} {rule}, match {} ({}:{})",
+                hit.route.id,
+                hit.match_index,
+                hit.route.file.display(),
+                hit.route.line
+            );
+        }
+        None => {
+            let _ = writeln!(out, "route:    none matched: the agent answers 404");
+        }
+    }
+
+    match v.policy {
+        None => {
+            let _ = writeln!(out, "policy:   none: traffic on this route passes through untouched");
+        }
+        Some(winner) => {
+            let _ = writeln!(out, "policy:   {}", describe_policy(winner));
+            for loser in v.candidates.iter().skip(1) {
+                let _ = writeln!(
+                    out,
+                    "  beat:   {}\n          because the winner is {}",
+                    describe_policy(loser),
+                    winner.why_beats(loser)
+                );
+            }
+        }
+    }
+
+    if let (Some(winner), Some(origin)) = (v.policy, origin_of(&v.kind)) {
+        let line = match v.decision.origin_match() {
+            Some(OriginMatch::Star) => format!("{origin} allowed by allowOrigins: [\"*\"]"),
+            Some(OriginMatch::Entry(i, p)) => format!(
+                "{origin} allowed by {}.allowOrigins[{i}] ({p})",
+                winner.source.field
+            ),
+            None if winner.policy.credentials
+                && winner.policy.origins == crate::cors::AllowOrigins::Any =>
+            {
+                format!(
+                    "{origin} NOT allowed: with allowCredentials: true, \"*\" only matches well-formed origins"
+                )
+            }
+            None => format!(
+                "{origin} NOT allowed: no allowOrigins entry matches (scheme, host and port must all match; \
+                 a wildcard needs at least one label before its suffix)"
+            ),
+        };
+        let _ = writeln!(out, "origin:   {line}");
+    }
+
+    let _ = writeln!(out, "decision: {}", v.decision.outcome().as_str());
+    out.push('\n');
+    match &v.decision {
+        Decision::Answer(answer) => {
+            let mut h = HeaderMap::new();
+            answer.write_headers(&mut h);
+            let _ = writeln!(out, "answered by cors-agent, not forwarded:\nHTTP/1.1 200 OK");
+            write_headers(&mut out, &h);
+        }
+        Decision::Forward(edits) if v.hit.is_none() => {
+            let mut h = HeaderMap::new();
+            edits.apply_to(&mut h);
+            let _ = writeln!(
+                out,
+                "answered by cors-agent:\nHTTP/1.1 {}",
+                StatusCode::NOT_FOUND
+            );
+            write_headers(&mut out, &h);
+        }
+        Decision::Forward(edits) => {
+            let mut h = HeaderMap::new();
+            edits.apply_to(&mut h);
+            let _ = writeln!(
+                out,
+                "forwarded to the app; on its response cors-agent removes every access-control-allow-*, \
+                 access-control-expose-headers and access-control-max-age header the app sent, then sets:"
+            );
+            write_headers(&mut out, &h);
+        }
+        Decision::PassThrough(_) if v.hit.is_none() => {
+            let _ = writeln!(out, "answered by cors-agent:\nHTTP/1.1 404 Not Found (no CORS headers)");
+        }
+        Decision::PassThrough(_) => {
+            let _ = writeln!(out, "forwarded to the app; its response is returned unchanged");
+        }
+    }
+    out
+}
+
+fn origin_of<'a>(kind: &RequestKind<'a>) -> Option<&'a str> {
+    match kind {
+        RequestKind::NoOrigin => None,
+        RequestKind::Preflight { origin, .. } | RequestKind::Actual { origin } => {
+            Some(origin.to_str().unwrap_or("(not text)"))
+        }
+    }
+}
+
+fn write_headers(out: &mut String, h: &HeaderMap) {
+    for (name, value) in h {
+        let _ = writeln!(out, "{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+    }
+}
