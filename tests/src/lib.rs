@@ -1,0 +1,3 @@
+//! Shared helpers for cors-agent's end-to-end suites.
+
+pub mod cases;

@@ -4,7 +4,7 @@
 mod diagnostic;
 mod load;
 pub mod spec;
-mod yaml;
+pub mod yaml;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use load::{Loaded, ResourceId, Resources, load};
