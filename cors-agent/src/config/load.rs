@@ -302,7 +302,12 @@ fn typed<S: DeserializeOwned>(
                 .and_then(|r| r.split_once('`'))
                 .map(|(f, _)| f.to_string())
             {
-                field = if field == "." { unknown.clone() } else { format!("{field}.{unknown}") };
+                // serde_path_to_error already ends the path with the unknown key.
+                if field == "." {
+                    field = unknown.clone();
+                } else if !field.ends_with(&unknown) {
+                    field = format!("{field}.{unknown}");
+                }
                 reason = format!(
                     "unknown field {unknown:?} (the API server would reject it); {}",
                     reason.split_once(", ").map(|(_, r)| r).unwrap_or("")
