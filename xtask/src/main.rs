@@ -2,8 +2,12 @@
 //!
 //! Keep this file a thin dispatcher: each command lives in its own module.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
+mod ci;
+mod demo;
 mod ebpf;
 
 #[derive(Parser)]
@@ -15,12 +19,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the whole test suite as CI does, installing what it needs.
+    Ci(ci::Ci),
+    /// Start a demo app behind cors-agent with the guide's policy, and print curl commands.
+    Demo(demo::Demo),
     /// Build the sk_lookup eBPF object and write it to cors-agent/src/steer/.
     BuildEbpf(ebpf::BuildEbpf),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Ci(args) => ci::run(args),
+        Cmd::Demo(args) => demo::run(args),
         Cmd::BuildEbpf(args) => ebpf::run(args),
     }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }

@@ -320,3 +320,87 @@ mod tests {
         assert!(AllowOrigins::Any.find("https://a.test", true).is_some());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        prop::collection::vec(label(), 1..4).prop_map(|l| l.join("."))
+    }
+
+    fn scheme() -> impl Strategy<Value = Scheme> {
+        prop_oneof![Just(Scheme::Http), Just(Scheme::Https)]
+    }
+
+    fn flip_case(s: &str, mask: u64) -> String {
+        s.chars()
+            .enumerate()
+            .map(|(i, c)| if mask >> (i % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn subdomain_pattern_only_matches_hosts_under_its_suffix(
+            s in scheme(), suffix in host(), h in host(), port in prop::option::of(1u16..),
+            other_scheme in scheme(), other_port in prop::option::of(1u16..),
+        ) {
+            let pat_port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let pattern = OriginPattern::parse(&format!("{}://*.{suffix}{pat_port}", s.as_str())).unwrap();
+            let origin_text = format!(
+                "{}://{h}{}",
+                other_scheme.as_str(),
+                other_port.map(|p| format!(":{p}")).unwrap_or_default()
+            );
+            let origin = Origin::parse(&origin_text).unwrap();
+            let expected = h.ends_with(&format!(".{suffix}"))
+                && other_scheme == s
+                && other_port.unwrap_or(s.default_port()) == port.unwrap_or(s.default_port());
+            prop_assert_eq!(pattern.matches(&origin), expected, "{} vs {}", pattern, origin_text);
+            // Never the bare suffix.
+            let bare = format!("{}://{suffix}{pat_port}", s.as_str());
+            prop_assert!(!pattern.matches(&Origin::parse(&bare).unwrap()));
+        }
+
+        #[test]
+        fn matching_folds_case_of_scheme_and_host(h in host(), mask in any::<u64>(), s in scheme()) {
+            let pattern = OriginPattern::parse(&format!("{}://{h}", s.as_str())).unwrap();
+            let text = flip_case(&format!("{}://{h}", s.as_str()), mask);
+            prop_assert!(pattern.matches(&Origin::parse(&text).unwrap()));
+            let wild = OriginPattern::parse(&format!("{}://*.{}", s.as_str(), flip_case(&h, !mask))).unwrap();
+            let sub = flip_case(&format!("{}://x.{h}", s.as_str()), mask);
+            prop_assert!(wild.matches(&Origin::parse(&sub).unwrap()));
+        }
+
+        #[test]
+        fn default_ports_are_filled_in(h in host(), s in scheme()) {
+            let explicit = format!("{}://{h}:{}", s.as_str(), s.default_port());
+            let implicit = format!("{}://{h}", s.as_str());
+            prop_assert_eq!(Origin::parse(&explicit), Origin::parse(&implicit));
+            let p = OriginPattern::parse(&implicit).unwrap();
+            prop_assert!(p.matches(&Origin::parse(&explicit).unwrap()));
+        }
+
+        #[test]
+        fn junk_never_panics(s in "\\PC{0,64}", creds in any::<bool>()) {
+            let _ = Origin::parse(&s);
+            let _ = OriginPattern::parse(&s);
+            let list = AllowOrigins::List(vec![OriginPattern::parse("https://*.a.test").unwrap()]);
+            let _ = list.find(&s, creds);
+            let _ = AllowOrigins::Any.find(&s, creds);
+        }
+
+        #[test]
+        fn anything_after_the_authority_is_unparseable(h in host(), tail in "[/?#][ -~]{0,10}") {
+            let text = format!("https://{h}{tail}");
+            prop_assert!(Origin::parse(&text).is_none());
+        }
+    }
+}

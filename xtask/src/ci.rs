@@ -1,0 +1,96 @@
+//! `cargo xtask ci`: the whole test suite, as CI runs it. Installs what the tests need when it
+//! is missing, then runs formatting, lints, unit, integration and end-to-end tests, the eBPF
+//! object check and the demo's smoke run. Any step that cannot run fails the run.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace_root;
+
+#[derive(clap::Args)]
+pub struct Ci {}
+
+pub fn run(_args: Ci) -> Result<()> {
+    let started = Instant::now();
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    step("prerequisites", install_prerequisites)?;
+    step("cargo fmt --check", || cargo(&["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy", || {
+        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+    })?;
+    step("cargo test", || cargo(&["test", "--workspace"]))?;
+    step("eBPF object matches its source", || {
+        run_cmd(Command::new(&xtask).args(["build-ebpf", "--check"]))
+    })?;
+    step("demo smoke run", || run_cmd(Command::new(&xtask).args(["demo", "--smoke"])))?;
+    println!("\nci: every step passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("\n==> {name}");
+    let t = Instant::now();
+    f().with_context(|| format!("ci step failed: {name}"))?;
+    println!("==> {name}: ok ({:.1?})", t.elapsed());
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run_cmd(Command::new(env!("CARGO")).args(args).current_dir(workspace_root()))
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The end-to-end suites create network namespaces and load eBPF programs: they need root and
+/// iproute2. rustfmt and clippy come from rustup.
+fn install_prerequisites() -> Result<()> {
+    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("the test suite needs root (network namespaces, eBPF): run it as root, e.g. with sudo -E");
+    }
+    for component in ["rustfmt", "clippy"] {
+        let listed = Command::new("rustup")
+            .args(["component", "list", "--installed"])
+            .output()
+            .context("running rustup (the Rust toolchain is required)")?;
+        if !String::from_utf8_lossy(&listed.stdout).contains(component) {
+            run_cmd(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    let mut packages = Vec::new();
+    if !have("ip") {
+        packages.push("iproute2");
+    }
+    if !packages.is_empty() {
+        apt_install(&packages)?;
+    }
+    Ok(())
+}
+
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    println!("installing Debian packages: {}", packages.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
