@@ -34,9 +34,11 @@ pub fn load_table(
     }
 }
 
+/// `'t` borrows the table, `'r` the request: the proxy keeps the decision (which only borrows
+/// the table) while it moves the request on to the app.
 #[derive(Debug)]
-pub struct Verdict<'t> {
-    pub kind: RequestKind<'t>,
+pub struct Verdict<'t, 'r> {
+    pub kind: RequestKind<'r>,
     /// `None`: no route matched, and the answer is a 404 made by the agent.
     pub hit: Option<RouteHit<'t>>,
     /// Every policy that applies, winner first (Gateway-level ones when no route matched).
@@ -46,13 +48,13 @@ pub struct Verdict<'t> {
     pub decision: Decision<'t>,
 }
 
-pub fn decide<'t>(
+pub fn decide<'t, 'r>(
     table: &'t RouteTable,
-    method: &'t Method,
-    uri: &'t Uri,
-    headers: &'t HeaderMap,
+    method: &'r Method,
+    uri: &'r Uri,
+    headers: &'r HeaderMap,
     unmatched: UnmatchedPreflights,
-) -> Verdict<'t> {
+) -> Verdict<'t, 'r> {
     let kind = cors::classify(method, headers);
     let preflight_method = kind.route_method();
     let query = RouteQuery {

@@ -91,7 +91,7 @@ fn describe_policy(p: &AttachedPolicy) -> String {
     )
 }
 
-fn render(method: &Method, uri: &Uri, v: &Verdict<'_>) -> String {
+fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
     let mut out = String::new();
     let kind = match v.kind {
         RequestKind::NoOrigin => "not a CORS request (no Origin header)".to_string(),
