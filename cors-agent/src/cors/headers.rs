@@ -39,6 +39,11 @@ pub(super) fn strip_backend_cors(headers: &mut HeaderMap) {
 /// Adds the tokens of `add` (a comma-separated list of header names) to `Vary`, keeping the
 /// backend's tokens, never repeating one, and leaving `Vary: *` alone.
 pub(super) fn add_vary(headers: &mut HeaderMap, add: &'static str) {
+    // The common case, and the only one on the agent's own answers: nothing to merge.
+    if !headers.contains_key(VARY) {
+        headers.insert(VARY, HeaderValue::from_static(add));
+        return;
+    }
     let present = |token: &str| {
         headers.get_all(VARY).iter().any(|v| {
             v.to_str().is_ok_and(|s| {

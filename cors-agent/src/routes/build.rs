@@ -105,6 +105,7 @@ pub(super) fn build(
         compile_route(r, age, &gateways, &targeted, &mut used, options, &mut table, &mut d);
     }
     table.entries.sort_by(|a, b| a.precedence_cmp(b));
+    table.index_hosts();
 
     // Gateway-level policies also cover answers for requests that match no route.
     for (t, used) in targeted.iter().zip(used.iter_mut()) {
@@ -331,9 +332,11 @@ fn compile_route(
         // The chosen backendRef: the node port's Service when one is named, else the first
         // with a non-zero weight.
         let backend = match &options.service {
-            Some(svc) => rule.backend_refs.iter().enumerate().find(|(_, b)| {
-                b.name == svc.name && b.port == Some(i64::from(svc.port))
-            }),
+            Some(svc) => rule
+                .backend_refs
+                .iter()
+                .enumerate()
+                .find(|(_, b)| b.name == svc.name && b.port == Some(i64::from(svc.port))),
             None => rule
                 .backend_refs
                 .iter()
@@ -629,9 +632,13 @@ fn compile_match(
     let headers = value_matches(r, &format!("{field}.headers"), &m.headers, d, |name| {
         HeaderName::from_bytes(name.as_bytes()).ok()
     });
-    let query = value_matches(r, &format!("{field}.queryParams"), &m.query_params, d, |name| {
-        (!name.is_empty()).then(|| name.to_string())
-    });
+    let query = value_matches(
+        r,
+        &format!("{field}.queryParams"),
+        &m.query_params,
+        d,
+        |name| (!name.is_empty()).then(|| name.to_string()),
+    );
 
     (d.errors.len() == errors_before).then_some((path, method, headers, query))
 }

@@ -98,8 +98,10 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// The table only offers an exact-host entry for requests to that host (its host index),
+    /// so only wildcard hosts are compared here.
     pub fn matches(&self, q: &RouteQuery<'_>) -> bool {
-        self.host.matches(q.host)
+        (matches!(self.host, HostMatch::Exact(_)) || self.host.matches(q.host))
             && self.path.matches(q.path)
             && self.method.as_ref().is_none_or(|m| m == q.method)
             && q.headers.is_none_or(|h| {
@@ -109,9 +111,10 @@ impl Entry {
                         .any(|v| v.to_str().is_ok_and(|v| want.matches(v)))
                 })
             })
-            && self.query.iter().all(|(name, want)| {
-                query_value(q.query, name).is_some_and(|v| want.matches(v))
-            })
+            && self
+                .query
+                .iter()
+                .all(|(name, want)| query_value(q.query, name).is_some_and(|v| want.matches(v)))
     }
 
     /// Sorts descending by Gateway API precedence, then ascending by `order`.
