@@ -1,0 +1,117 @@
+//! The offline commands as a user runs them: exit codes, and what they print.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cors_agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cors-agent"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .output()
+        .expect("run cors-agent")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_accepts_the_example_and_prints_lint_warnings() {
+    let out = cors_agent(&["validate", "-f", "examples/httpbin.yaml"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("valid: 2 HTTPRoute(s)"), "{stdout}");
+    assert!(stderr.contains("warning: examples/httpbin.yaml:"), "{stderr}");
+    assert!(stderr.contains("Chromium caps"), "{stderr}");
+}
+
+#[test]
+fn validate_exits_2_with_file_line_resource_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: api\n  namespace: shop\nspec:\n  rules:\n  - filters:\n    - type: CORS\n      cors:\n        allowOrigins:\n        - https://ok.test\n        - \"https://trailing.test/\"\n",
+    )
+    .unwrap();
+    let out = cors_agent(&["validate", "-f", bad.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: {}:13: HTTPRoute shop/api: spec.rules[0].filters[0].cors.allowOrigins[1]: \"https://trailing.test/\" is not an origin",
+            bad.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_reads_folders_and_names_ignored_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("../examples/httpbin.yaml", dir.path().join("a.yaml")).unwrap();
+    std::fs::write(dir.path().join("b.yml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\n").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not read").unwrap();
+    let out = cors_agent(&["validate", "-f", dir.path().to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ConfigMap cfg: ignored"), "{stderr}");
+}
+
+#[test]
+fn explain_shows_route_policy_origin_and_the_exact_answer() {
+    let out = cors_agent(&[
+        "explain", "-f", "examples/httpbin.yaml", "-X", "OPTIONS", "https://www.example.com/get",
+        "-H", "Origin: https://example.com", "-H", "Access-Control-Request-Method: GET",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    for part in [
+        "route:    HTTPRoute httpbin/httpbin rule 0",
+        "policy:   HTTPRoute httpbin/httpbin spec.rules[0].filters[0].cors",
+        "beat:   AgentgatewayPolicy agentgateway-system/httpbin-cors",
+        "more specific",
+        "allowed by spec.rules[0].filters[0].cors.allowOrigins[0]",
+        "decision: preflight_allowed",
+        "HTTP/1.1 200 OK",
+        "access-control-allow-origin: https://example.com",
+        "access-control-allow-methods: GET,POST,OPTIONS",
+        "access-control-max-age: 86400",
+    ] {
+        assert!(stdout.contains(part), "{part:?} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn explain_says_why_an_origin_is_refused() {
+    let out = cors_agent(&[
+        "explain", "-f", "examples/httpbin.yaml", "https://www.example.com/get",
+        "-H", "origin: https://example.com.evil.test",
+    ]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert!(stdout.contains("NOT allowed: no allowOrigins entry matches"), "{stdout}");
+    assert!(stdout.contains("decision: denied"), "{stdout}");
+    assert!(!stdout.contains("access-control-allow-origin"), "{stdout}");
+}
+
+#[test]
+fn explain_refuses_a_url_without_host_and_a_bad_header() {
+    let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", "/get"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("give a full URL"));
+    let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", "https://a.test/", "-H", "Origin"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("expected 'Name: value'"));
+}
+
+#[test]
+fn help_shows_examples() {
+    for cmd in ["validate", "explain"] {
+        let out = cors_agent(&[cmd, "--help"]);
+        assert!(text(&out).0.contains("Examples:"), "{cmd} --help has no examples");
+    }
+}
