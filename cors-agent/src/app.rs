@@ -1,12 +1,277 @@
-//! Wiring for the long-running modes. (Stub: the proxy arrives with the data path.)
+//! Wiring for the long-running modes: flags, start-up checks, listeners, reloads, shutdown.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::cli::EXIT_INVALID;
+use crate::cors::UnmatchedPreflights;
+use crate::proxy::reload::{self, ConfigSource};
+use crate::proxy::{Limits, Shared, TcpConnect, parse_duration, serve_listener};
+use crate::routes::BuildOptions;
+use crate::tls::{CertPair, SniResolver};
+use crate::{admin, tls};
 
 #[derive(clap::Args, Debug)]
-#[command(about = "Run the agent in front of one app (no eBPF)")]
-pub struct ProxyArgs {}
+#[command(
+    about = "Run the agent in front of one app (no eBPF)",
+    after_help = "Examples:\n  cors-agent proxy --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000 -f examples/httpbin.yaml\n  cors-agent proxy --listen 0.0.0.0:8443 --upstream 127.0.0.1:8000 -f routes/ \\\n      --tls-cert a.pem --tls-key a-key.pem --tls-cert b.pem --tls-key b-key.pem --admin 127.0.0.1:15000\n\nThe agent is ready when the listen port accepts connections. Invalid resources: exit 2 before\nanything is bound. SIGHUP (or a change to a -f file) reloads; an invalid change is refused and\nthe last good configuration stays. SIGTERM drains in-flight requests and exits 0."
+)]
+pub struct ProxyArgs {
+    /// Where clients connect.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The app, as ip:port.
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: SocketAddr,
+    /// A YAML file or a folder of *.yaml / *.yml files (repeatable), as with kubectl apply -f.
+    #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// A PEM certificate chain (repeatable, each with a --tls-key). The first pair is the
+    /// default for clients that send no SNI or a name no certificate covers.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same position.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Vec<PathBuf>,
+    /// What to do with preflights from origins the policy does not allow.
+    #[arg(long, default_value = "local", value_name = "local|forward")]
+    pub unmatched_preflights: UnmatchedPreflights,
+    /// Serve /healthz, /readyz, /metrics and /config_dump here.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Largest request line plus headers, in bytes; larger requests get 431.
+    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
+    pub max_request_headers: usize,
+    /// Time a client has to send a request head (and finish a TLS handshake).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+    /// Close client connections with no request in flight for this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Time to open a connection to the app (then 504).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_connect_timeout: Duration,
+    /// Time the app has to send its response head (then 504). Bodies may stream longer.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_response_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take before the agent exits anyway.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+}
 
-pub fn run_proxy(_args: ProxyArgs) -> ExitCode {
-    eprintln!("proxy mode is not built yet");
-    ExitCode::FAILURE
+impl ProxyArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_request_header_bytes: self.max_request_headers,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_response_timeout: self.upstream_response_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+
+    fn cert_pairs(&self) -> anyhow::Result<Vec<CertPair>> {
+        if self.tls_cert.len() != self.tls_key.len() {
+            bail!(
+                "{} --tls-cert but {} --tls-key: give them in pairs",
+                self.tls_cert.len(),
+                self.tls_key.len()
+            );
+        }
+        Ok(self
+            .tls_cert
+            .iter()
+            .zip(&self.tls_key)
+            .map(|(cert, key)| CertPair {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .collect())
+    }
+}
+
+pub fn run_proxy(args: ProxyArgs) -> ExitCode {
+    init_tracing();
+
+    // Everything that can be wrong with the input is checked before a socket is bound.
+    let source = ConfigSource {
+        files: args.files.clone(),
+        unmatched: args.unmatched_preflights,
+        options: BuildOptions::default(),
+    };
+    let snapshot = match source.load(1) {
+        Ok((snapshot, diags)) => {
+            for w in &diags.warnings {
+                warn!("{w}");
+            }
+            snapshot
+        }
+        Err(diags) => {
+            eprint!("{diags}");
+            eprintln!("invalid: {} error(s); not starting", diags.errors.len());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let resolver = match args.cert_pairs() {
+        Ok(pairs) if pairs.is_empty() => None,
+        Ok(pairs) => match SniResolver::load(pairs) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("error: TLS: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args, source, snapshot, resolver)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // main.rs may already have installed a subscriber; keep the first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(
+    args: ProxyArgs,
+    source: ConfigSource,
+    snapshot: crate::proxy::Snapshot,
+    resolver: Option<Arc<SniResolver>>,
+) -> anyhow::Result<()> {
+    let shared = Shared::new(snapshot, args.limits(), Arc::new(TcpConnect));
+    let acceptor = resolver.as_ref().map(|r| r.acceptor()).transpose()?;
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = match args.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve admin on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let _config_watch = reload::watch_paths(&source.files, reload_tx.clone())
+        .context("cannot watch the -f paths")?;
+    tokio::spawn(reload::run(source, shared.clone(), reload_rx));
+    let cert_reload = match &resolver {
+        Some(r) => {
+            let (watcher, tx) =
+                tls::reload::spawn(r.clone(), shared.clone()).context("cannot watch TLS files")?;
+            Some((watcher, tx))
+        }
+        None => None,
+    };
+    let cert_reload_tx = cert_reload.as_ref().map(|(_, tx)| tx.clone());
+    spawn_sighup(reload_tx, cert_reload_tx)?;
+
+    if let Some(admin) = admin {
+        info!(addr = %admin.local_addr()?, "admin listening");
+        tokio::spawn(admin::serve(admin, shared.clone()));
+    }
+    let local = listener.local_addr()?;
+    let accept = tokio::spawn(serve_listener(
+        listener,
+        args.upstream,
+        acceptor,
+        shared.clone(),
+    ));
+    info!(
+        listen = %local,
+        upstream = %args.upstream,
+        tls = resolver.is_some(),
+        unmatched_preflights = ?args.unmatched_preflights,
+        "cors-agent proxy listening"
+    );
+
+    wait_for_shutdown().await?;
+    info!(grace = ?args.drain_timeout, "draining");
+    shared.start_draining();
+    let _ = accept.await;
+    if tokio::time::timeout(args.drain_timeout, shared.drained())
+        .await
+        .is_err()
+    {
+        warn!("drain timeout reached; exiting with requests still in flight");
+    } else {
+        info!("drained");
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn spawn_sighup(config: mpsc::Sender<()>, certs: Option<mpsc::Sender<()>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading");
+            let _ = config.try_send(());
+            if let Some(certs) = &certs {
+                let _ = certs.try_send(());
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn spawn_sighup(_: mpsc::Sender<()>, _: Option<mpsc::Sender<()>>) -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")
 }

@@ -1,9 +1,12 @@
 //! cors-agent: route-scoped CORS enforcement in front of an app, configured with Gateway API
 //! `HTTPRoute` CORS filters and `AgentgatewayPolicy` resources.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod cors;
 pub mod engine;
+pub mod proxy;
 pub mod routes;
+pub mod tls;

@@ -1,0 +1,135 @@
+//! Limits that protect the agent from slow, large or idle peers, with their defaults.
+
+use std::time::Duration;
+
+use http::request::Parts;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Request line plus headers, in bytes; larger requests get 431.
+    pub max_request_header_bytes: usize,
+    /// Time a client has to send a complete request head (and, under TLS, to finish the
+    /// handshake) before the connection is closed.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    /// Time the app has to send its response head (not the whole body: streams may be long).
+    pub upstream_response_timeout: Duration,
+    /// How long SIGTERM waits for in-flight requests before exiting anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// Whether the request head is over the limit, counted the way HTTP/1.1 sends it.
+    pub(super) fn head_too_large(&self, parts: &Parts) -> bool {
+        let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + parts.uri.authority().map_or(0, |a| a.as_str().len());
+        let mut total = parts.method.as_str().len() + target + 12;
+        for (name, value) in &parts.headers {
+            total += name.as_str().len() + value.len() + 4;
+            if total > self.max_request_header_bytes {
+                return true;
+            }
+        }
+        total > self.max_request_header_bytes
+    }
+
+    /// The HTTP/1.1 + HTTP/2 server for client connections.
+    ///
+    /// hyper's own limits sit above ours on purpose: a head between the two is answered by the
+    /// pipeline with 431 *and* CORS headers; only a head beyond twice the limit gets hyper's
+    /// bare 431. hyper's header-read timer also runs while an HTTP/1.1 connection waits for its
+    /// next request, so on HTTP/1.1 the idle timeout is at most the header-read timeout.
+    pub(super) fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let hard_cap = self
+            .max_request_header_bytes
+            .saturating_mul(2)
+            .max(16 * 1024);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(hard_cap)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(hard_cap).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        builder
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with a unit, e.g. 500ms, 5s, 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_common_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn head_size_counts_line_and_headers() {
+        let limits = Limits {
+            max_request_header_bytes: 100,
+            ..Limits::default()
+        };
+        let (mut parts, ()) = http::Request::get("/x").body(()).unwrap().into_parts();
+        assert!(!limits.head_too_large(&parts));
+        parts
+            .headers
+            .insert("x-big", "a".repeat(100).parse().unwrap());
+        assert!(limits.head_too_large(&parts));
+    }
+}

@@ -1,0 +1,361 @@
+//! What the agent tells operators: Prometheus metrics and one access-log line per request.
+//!
+//! Both are written when the response body ends (or the client goes away), so durations cover
+//! the whole exchange, streams included.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Uri, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::cors::Outcome;
+
+use super::Labels;
+use super::server::ConnState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: Arc<str>,
+    cors: &'static str,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    preflights: Family<ResultLabel, Counter>,
+    upstream_errors: Family<KindLabel, Counter>,
+    duration: HistogramFamily<RouteLabel>,
+    connections: Counter,
+    connections_open: Gauge,
+    tls_handshake_errors: Counter,
+    config_reloads: Family<ResultLabel, Counter>,
+    config_generation: Gauge,
+    certificate_reloads: Family<ResultLabel, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cors_agent");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, CORS decision and status code",
+            requests.clone(),
+        );
+        let preflights = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "preflights",
+            "CORS preflights: allowed, denied (answered here) or forwarded (denied, sent on)",
+            preflights.clone(),
+        );
+        let upstream_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failures to get a response head from the app, by kind",
+            upstream_errors.clone(),
+        );
+        let duration: HistogramFamily<RouteLabel> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body",
+            duration.clone(),
+        );
+        let connections = Counter::default();
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            connections.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
+        );
+        let tls_handshake_errors = Counter::default();
+        registry.register(
+            "tls_handshake_errors",
+            "TLS handshakes that failed or timed out",
+            tls_handshake_errors.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+        let config_generation = Gauge::default();
+        registry.register(
+            "config_generation",
+            "Generation of the configuration being served (1 at start)",
+            config_generation.clone(),
+        );
+        let certificate_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "TLS certificate reloads, by result",
+            certificate_reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            preflights,
+            upstream_errors,
+            duration,
+            connections,
+            connections_open,
+            tls_handshake_errors,
+            config_reloads,
+            config_generation,
+            certificate_reloads,
+        }
+    }
+
+    /// The Prometheus text exposition (OpenMetrics flavour).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The configuration being served, without counting a reload (start-up).
+    pub fn config_served(&self, generation: u64) {
+        self.config_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    pub fn config_reloaded(&self, ok: bool, generation: u64) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        if ok {
+            self.config_served(generation);
+        }
+    }
+
+    pub fn certificates_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.certificate_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub(super) fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    pub(super) fn tls_handshake_failed(&self) {
+        self.tls_handshake_errors.inc();
+    }
+
+    pub(super) fn connection_opened(&self) {
+        self.connections.inc();
+        self.connections_open.inc();
+    }
+
+    pub(super) fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    fn request_done(&self, r: &Record, status: u16, seconds: f64) {
+        let outcome = r.outcome.as_str();
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: r.labels.route.clone(),
+                cors: outcome,
+                code: status,
+            })
+            .inc();
+        let preflight = match r.outcome {
+            Outcome::PreflightAllowed => Some("allowed"),
+            Outcome::PreflightDenied => Some("denied"),
+            Outcome::PreflightForwarded => Some("forwarded"),
+            _ => None,
+        };
+        if let Some(result) = preflight {
+            self.preflights.get_or_create(&ResultLabel { result }).inc();
+        }
+        self.duration
+            .get_or_create(&RouteLabel {
+                route: r.labels.route.clone(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// One request, as the access log and metrics see it.
+pub(super) struct Record {
+    pub started: Instant,
+    pub method: Method,
+    pub uri: Uri,
+    pub host: Option<HeaderValue>,
+    pub version: Version,
+    pub labels: Labels,
+    pub outcome: Outcome,
+    /// Where it was forwarded; `None` when the agent answered.
+    pub upstream: Option<SocketAddr>,
+    pub error: Option<String>,
+}
+
+/// A response body that reports the request when it ends or is dropped.
+pub struct Observed<B> {
+    inner: B,
+    report: Option<Report>,
+}
+
+struct Report {
+    record: Record,
+    status: u16,
+    metrics: Arc<super::Shared>,
+    conn: Arc<ConnState>,
+    bytes: u64,
+    complete: bool,
+}
+
+impl<B: Body> Observed<B> {
+    pub(super) fn new(
+        inner: B,
+        record: Record,
+        status: u16,
+        shared: Arc<super::Shared>,
+        conn: Arc<ConnState>,
+    ) -> Self {
+        let complete = inner.is_end_stream();
+        Self {
+            inner,
+            report: Some(Report {
+                record,
+                status,
+                metrics: shared,
+                conn,
+                bytes: 0,
+                complete,
+            }),
+        }
+    }
+}
+
+impl<B> Body for Observed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once the body says it has ended, so the end of a body with a
+        // known length is never polled for.
+        let ended = matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream();
+        if let Some(report) = self.report.as_mut() {
+            if let Poll::Ready(Some(Ok(frame))) = &polled
+                && let Some(data) = frame.data_ref()
+            {
+                report.bytes += data.len() as u64;
+            }
+            report.complete |= ended;
+        }
+        if matches!(polled, Poll::Ready(None)) {
+            self.report.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        drop(self.report.take());
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        let r = &self.record;
+        let elapsed = r.started.elapsed();
+        self.metrics
+            .metrics
+            .request_done(r, self.status, elapsed.as_secs_f64());
+        self.conn.request_finished();
+        let host = r
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| r.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("-");
+        let upstream = r.upstream.map(|a| a.to_string());
+        tracing::info!(
+            target: "cors_agent::access",
+            peer = %self.conn.peer,
+            proto = ?r.version,
+            method = %r.method,
+            host,
+            path = r.uri.path(),
+            status = self.status,
+            route = %r.labels.route,
+            policy = %r.labels.policy,
+            cors = r.outcome.as_str(),
+            upstream = upstream.as_deref().unwrap_or("-"),
+            bytes = self.bytes,
+            duration_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            complete = self.complete,
+            error = r.error.as_deref(),
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! One request, top to bottom: route -> CORS decision -> answer here or forward -> CORS edits
+//! on whatever comes back.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tracing::debug;
+
+use crate::cors::{Decision, PreflightAnswer};
+use crate::engine::{Verdict, decide};
+
+use super::errors::{self, ProxyError, chain};
+use super::forward::upstream_request;
+use super::hop;
+use super::observe::{Observed, Record};
+use super::server::ConnState;
+use super::{Shared, upgrade};
+
+/// What the client receives: the app's streamed body or one the agent made.
+pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
+
+pub(super) async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnState>,
+    shared: Arc<Shared>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    conn.request_started();
+    // One snapshot per request: a reload mid-request does not change its answer.
+    let snapshot = shared.snapshot();
+    let (parts, body) = req.into_parts();
+
+    let Verdict { hit, decision, .. } = decide(
+        &snapshot.table,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        snapshot.unmatched,
+    );
+    let mut record = Record {
+        started,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        host: parts.headers.get(HOST).cloned(),
+        version: parts.version,
+        labels: snapshot.labels(hit.as_ref()).clone(),
+        outcome: decision.outcome(),
+        upstream: None,
+        error: None,
+    };
+    let edits = match &decision {
+        Decision::Forward(edits) => Some(edits),
+        _ => None,
+    };
+    let version = parts.version;
+
+    let result = if shared.limits.head_too_large(&parts) {
+        Err(ProxyError::HeadersTooLarge {
+            limit: shared.limits.max_request_header_bytes,
+        })
+    } else {
+        match (&decision, hit.is_some()) {
+            (Decision::Answer(answer), _) => Ok(preflight(answer)),
+            (_, false) => Err(ProxyError::NoRoute),
+            (_, true) => {
+                record.upstream = Some(conn.upstream);
+                forward(parts, body, &conn, &shared).await
+            }
+        }
+    };
+
+    let mut response = match result {
+        Ok(mut response) => {
+            // The app may speak HTTP/1.0; the client gets the version it spoke.
+            *response.version_mut() = version;
+            if let Some(edits) = edits {
+                edits.apply_to(response.headers_mut());
+            }
+            response
+        }
+        Err(err) => {
+            if let Some(kind) = err.upstream_kind() {
+                shared.metrics.upstream_error(kind);
+            }
+            let message = chain(&err);
+            debug!(peer = %conn.peer, error = %message, "answered by the agent");
+            record.error = Some(message);
+            errors::reply(&err, edits, version).map(Either::Right)
+        }
+    };
+    if response.status() == StatusCode::NO_CONTENT || response.status().is_informational() {
+        // RFC 9110 §8.6: never on a 204; some apps send `content-length: 0` anyway.
+        response.headers_mut().remove(CONTENT_LENGTH);
+    }
+    let status = response.status().as_u16();
+    Ok(response.map(|body| Observed::new(body, record, status, shared, conn)))
+}
+
+/// A preflight answered here: 200, `content-length: 0`, the policy's headers.
+fn preflight(answer: &PreflightAnswer<'_>) -> Response<Either<Incoming, Full<Bytes>>> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    answer.write_headers(response.headers_mut());
+    response
+}
+
+/// Sends the request to the app and returns its response head with the body still streaming.
+async fn forward(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    conn: &ConnState,
+    shared: &Arc<Shared>,
+) -> Result<Response<Either<Incoming, Full<Bytes>>>, ProxyError> {
+    let upgrade = hop::is_upgrade(parts.version, &parts.method, &parts.headers);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    let req = upstream_request(
+        parts,
+        body,
+        &conn.upstream_authority,
+        conn.peer,
+        conn.tls,
+        upgrade,
+    )?;
+    let mut response = shared.upstream.send(req, conn.upstream).await?;
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    match (switched, client_upgrade) {
+        (true, Some(client)) => {
+            let app = hyper::upgrade::on(&mut response);
+            upgrade::tunnel(client, app, shared.clone());
+        }
+        (true, None) => {
+            return Err(ProxyError::UnexpectedUpgrade {
+                addr: conn.upstream,
+            });
+        }
+        (false, _) => {}
+    }
+    hop::strip(response.headers_mut(), switched);
+    Ok(response.map(Either::Left))
+}
