@@ -12,6 +12,6 @@ mod policy;
 mod request;
 
 pub use decision::{Decision, Outcome, PreflightAnswer, ResponseEdits, UnmatchedPreflights, evaluate};
-pub use origin::{AllowOrigins, Origin, OriginMatch, OriginPattern, Scheme};
+pub use origin::{AllowOrigins, Origin, OriginList, OriginMatch, OriginPattern, Scheme};
 pub use policy::{AllowList, CorsPolicy, CorsPolicyError};
 pub use request::{RequestKind, classify};

@@ -1,5 +1,6 @@
 //! Origins as browsers send them, and the patterns a policy allows.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// `http` or `https`: the only schemes a CORS origin can be matched against.
@@ -223,7 +224,81 @@ fn write_port(f: &mut fmt::Formatter<'_>, scheme: Scheme, port: u16) -> fmt::Res
 pub enum AllowOrigins {
     /// The single entry `*`.
     Any,
-    List(Vec<OriginPattern>),
+    List(OriginList),
+}
+
+/// Configured origin patterns, with exact ones indexed by host so that a long list costs one
+/// hash lookup per request instead of a comparison per entry.
+#[derive(Clone, Debug, Default)]
+pub struct OriginList {
+    patterns: Vec<OriginPattern>,
+    /// Lower-case host to the indexes of the exact patterns for it.
+    exact: HashMap<Box<str>, Vec<usize>>,
+    /// Indexes of the wildcard patterns, in order.
+    wildcards: Vec<usize>,
+}
+
+impl OriginList {
+    pub fn new(patterns: Vec<OriginPattern>) -> Self {
+        let mut exact: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (i, p) in patterns.iter().enumerate() {
+            match p {
+                OriginPattern::Exact { host, .. } => exact.entry(host.as_str().into()).or_default().push(i),
+                _ => wildcards.push(i),
+            }
+        }
+        Self {
+            patterns,
+            exact,
+            wildcards,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &OriginPattern> {
+        self.patterns.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.patterns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// The first entry, in configured order, that matches.
+    fn find(&self, origin: &Origin<'_>) -> Option<(usize, &OriginPattern)> {
+        let mut buf = [0u8; MAX_HOST_LEN];
+        let exact = lowercase(origin.host, &mut buf)
+            .and_then(|h| self.exact.get(h))
+            .and_then(|ids| ids.iter().copied().find(|&i| self.patterns[i].matches(origin)));
+        let wildcard = self
+            .wildcards
+            .iter()
+            .copied()
+            .take_while(|&i| exact.is_none_or(|e| i < e))
+            .find(|&i| self.patterns[i].matches(origin));
+        wildcard.or(exact).map(|i| (i, &self.patterns[i]))
+    }
+}
+
+impl PartialEq for OriginList {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+impl Eq for OriginList {}
+
+/// DNS names are at most 253 characters (an IPv6 literal in brackets is shorter).
+const MAX_HOST_LEN: usize = 253;
+
+fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
+    let out = buf.get_mut(..host.len())?;
+    out.copy_from_slice(host.as_bytes());
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).ok()
 }
 
 /// Why an origin was allowed, for `explain` and logs.
@@ -242,11 +317,9 @@ impl AllowOrigins {
             (Self::Any, Some(_)) => Some(OriginMatch::Star),
             (Self::Any, None) if !credentials => Some(OriginMatch::Star),
             (Self::Any, None) => None,
-            (Self::List(patterns), Some(origin)) => patterns
-                .iter()
-                .enumerate()
-                .find(|(_, p)| p.matches(&origin))
-                .map(|(i, p)| OriginMatch::Entry(i, p)),
+            (Self::List(list), Some(origin)) => {
+                list.find(&origin).map(|(i, p)| OriginMatch::Entry(i, p))
+            }
             (Self::List(_), None) => None,
         }
     }
@@ -311,6 +384,25 @@ mod tests {
         assert!(p.matches(&o("https://a.test").unwrap()));
         let p = OriginPattern::parse("https://a.test").unwrap();
         assert!(p.matches(&o("https://a.test:443").unwrap()));
+    }
+
+    #[test]
+    fn the_first_matching_entry_in_configured_order_is_reported() {
+        let list = AllowOrigins::List(OriginList::new(
+            ["https://a.test", "https://*.b.test", "https://x.b.test", "https://X.B.test:8443"]
+                .iter()
+                .map(|p| OriginPattern::parse(p).unwrap())
+                .collect(),
+        ));
+        let index = |o: &str| match list.find(o, true) {
+            Some(OriginMatch::Entry(i, _)) => Some(i),
+            _ => None,
+        };
+        assert_eq!(index("https://A.test"), Some(0));
+        assert_eq!(index("https://x.b.test"), Some(1));
+        assert_eq!(index("https://x.b.test:8443"), Some(3));
+        assert_eq!(index("https://b.test"), None);
+        assert_eq!(index("http://a.test"), None);
     }
 
     #[test]
@@ -392,7 +484,7 @@ mod properties {
         fn junk_never_panics(s in "\\PC{0,64}", creds in any::<bool>()) {
             let _ = Origin::parse(&s);
             let _ = OriginPattern::parse(&s);
-            let list = AllowOrigins::List(vec![OriginPattern::parse("https://*.a.test").unwrap()]);
+            let list = AllowOrigins::List(OriginList::new(vec![OriginPattern::parse("https://*.a.test").unwrap()]));
             let _ = list.find(&s, creds);
             let _ = AllowOrigins::Any.find(&s, creds);
         }

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use http::HeaderValue;
 use regex::Regex;
 
-use super::origin::{AllowOrigins, OriginPattern};
+use super::origin::{AllowOrigins, OriginList, OriginPattern};
 use crate::config::spec::CorsSpec;
 
 const MAX_ORIGINS: usize = 64;
@@ -207,7 +207,7 @@ fn compile_origins(entries: &[String], report: &mut Report) -> AllowOrigins {
             None => report.error(field, format!("{entry:?}: port must be between 1 and 65535")),
         }
     }
-    AllowOrigins::List(patterns)
+    AllowOrigins::List(OriginList::new(patterns))
 }
 
 fn compile_methods(entries: Option<&[String]>, report: &mut Report) -> AllowList {

@@ -105,7 +105,7 @@ pub(super) fn build(
         compile_route(r, age, &gateways, &targeted, &mut used, options, &mut table, &mut d);
     }
     table.entries.sort_by(|a, b| a.precedence_cmp(b));
-    table.index_hosts();
+    table.index_entries();
 
     // Gateway-level policies also cover answers for requests that match no route.
     for (t, used) in targeted.iter().zip(used.iter_mut()) {

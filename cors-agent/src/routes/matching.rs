@@ -57,13 +57,14 @@ impl PathMatch {
         }
     }
 
-    /// Exact first, then the longest prefix, then regular expressions (whose precedence the
-    /// Gateway API leaves to implementations: the least predictable match goes last).
+    /// Exact first, then regular expressions (the Gateway API leaves their rank to
+    /// implementations; Envoy Gateway puts them here too, so a catch-all `/` prefix does not
+    /// shadow them), then the longest prefix.
     fn rank(&self) -> (u8, usize) {
         match self {
             Self::Exact(p) => (3, p.len()),
-            Self::Prefix(p) => (2, p.len()),
-            Self::Regex(re) => (1, re.as_str().len()),
+            Self::Regex(re) => (2, re.as_str().len()),
+            Self::Prefix(p) => (1, p.len()),
         }
     }
 }
@@ -98,8 +99,8 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    /// The table only offers an exact-host entry for requests to that host (its host index),
-    /// so only wildcard hosts are compared here.
+    /// The table's index only offers an exact-host entry for requests to that host, so only
+    /// wildcard hosts are compared here.
     pub fn matches(&self, q: &RouteQuery<'_>) -> bool {
         (matches!(self.host, HostMatch::Exact(_)) || self.host.matches(q.host))
             && self.path.matches(q.path)

@@ -3,9 +3,9 @@
 
 mod attach;
 mod build;
+mod index;
 mod matching;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +15,8 @@ pub use attach::{AttachedPolicy, Level, PolicySource};
 pub use build::{BuildOptions, ServiceRef};
 
 use crate::config::{Diagnostics, ResourceId, Resources};
-use matching::{Entry, HostMatch};
+use index::EntryIndex;
+use matching::Entry;
 
 /// One HTTPRoute as served.
 #[derive(Debug)]
@@ -71,11 +72,8 @@ pub struct RouteTable {
     rules: Vec<RuleInfo>,
     /// Sorted by precedence: the first entry that matches wins.
     entries: Vec<Entry>,
-    /// Per exact hostname (lower case), the entries that can match it, in precedence order;
-    /// saves comparing the host against every route on every request.
-    by_host: HashMap<Box<str>, Vec<u32>>,
-    /// Entries for any other host: wildcard hostnames and routes without hostnames.
-    other_hosts: Vec<u32>,
+    /// Which entries a request can match at all, by host and first path segment.
+    index: EntryIndex,
     /// Gateway-level policies for answers that match no route (404), winner first.
     fallback: Vec<Arc<AttachedPolicy>>,
 }
@@ -91,11 +89,9 @@ impl RouteTable {
     }
 
     pub fn find(&self, q: &RouteQuery<'_>) -> Option<RouteHit<'_>> {
-        let mut buf = [0u8; MAX_HOST_LEN];
-        let candidates = lowercase(q.host, &mut buf)
-            .and_then(|h| self.by_host.get(h))
-            .unwrap_or(&self.other_hosts);
-        let entry = candidates
+        let entry = self
+            .index
+            .candidates(q.host, q.path)
             .iter()
             .map(|&i| &self.entries[i as usize])
             .find(|e| e.matches(q))?;
@@ -108,29 +104,8 @@ impl RouteTable {
     }
 
     /// Called once the entries are sorted.
-    fn index_hosts(&mut self) {
-        self.by_host.clear();
-        self.other_hosts.clear();
-        for (i, e) in self.entries.iter().enumerate() {
-            match &e.host {
-                HostMatch::Exact(h) => self
-                    .by_host
-                    .entry(h.as_str().into())
-                    .or_default()
-                    .push(i as u32),
-                _ => self.other_hosts.push(i as u32),
-            }
-        }
-        for (i, e) in self.entries.iter().enumerate() {
-            if !matches!(e.host, HostMatch::Exact(_)) {
-                for list in self.by_host.values_mut() {
-                    list.push(i as u32);
-                }
-            }
-        }
-        for list in self.by_host.values_mut() {
-            list.sort_unstable();
-        }
+    fn index_entries(&mut self) {
+        self.index = EntryIndex::build(&self.entries);
     }
 
     /// The policy for an answer to a request that matched no route, and what it beat.
@@ -145,14 +120,4 @@ impl RouteTable {
     pub fn rules(&self) -> &[RuleInfo] {
         &self.rules
     }
-}
-
-/// Hostnames are at most 253 characters; anything longer cannot match an exact hostname.
-const MAX_HOST_LEN: usize = 253;
-
-fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
-    let out = buf.get_mut(..host.len())?;
-    out.copy_from_slice(host.as_bytes());
-    out.make_ascii_lowercase();
-    std::str::from_utf8(out).ok()
 }
