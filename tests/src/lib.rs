@@ -1,3 +1,7 @@
 //! Shared helpers for cors-agent's end-to-end suites.
 
+pub mod agent;
+pub mod backend;
 pub mod cases;
+pub mod certs;
+pub mod client;
