@@ -9,4 +9,5 @@ pub mod cors;
 pub mod engine;
 pub mod proxy;
 pub mod routes;
+pub mod steer;
 pub mod tls;

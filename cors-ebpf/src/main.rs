@@ -15,15 +15,44 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{sk_action, bpf_sk_lookup},
+    bindings::{bpf_sk_lookup, sk_action},
     macros::{map, sk_lookup},
     maps::{HashMap, SockMap},
     programs::SkLookupContext,
 };
 use aya_log_ebpf::{debug, warn};
-use cors_common::{
-    LISTENER_SLOTS, ListenerSlot, MAX_PORTS, PORT_FLAG_STEER, PortKey, PortValue,
-};
+
+// The map layouts and names shared with user space. Compiled in as a module
+// rather than depended on as a crate: cargo hashes the absolute path of a path
+// dependency outside this workspace into every symbol name, which would make
+// the object differ between checkouts (see cors-common/src/shared.rs).
+#[allow(dead_code)]
+#[path = "../../cors-common/src/shared.rs"]
+mod cors_common;
+
+use cors_common::{LISTENER_SLOTS, ListenerSlot, MAX_PORTS, PORT_FLAG_STEER, PortKey, PortValue};
+
+// The `#[map(name = ...)]` attributes need literals; make sure they match the
+// names user space looks up.
+const _: () = assert!(str_eq(cors_common::MAP_LISTENERS, "CORS_LISTENERS"));
+const _: () = assert!(str_eq(cors_common::MAP_PORTS, "CORS_PORTS"));
+const _: () = assert!(str_eq(cors_common::GLOBAL_FAIL_CLOSED, "CORS_FAIL_CLOSED"));
+const _: () = assert!(str_eq(cors_common::PROGRAM_NAME, "cors_steer"));
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -63,17 +92,30 @@ fn try_cors_steer(ctx: &SkLookupContext) -> u32 {
     };
     match CORS_LISTENERS.redirect_sk_lookup(ctx, slot as u32, 0) {
         Ok(()) => {
-            debug!(ctx, "steered port {} to listener slot {}", lookup.local_port, slot as u32);
+            debug!(
+                ctx,
+                "steered port {} to listener slot {}", lookup.local_port, slot as u32
+            );
             sk_action::SK_PASS
         }
         Err(err) => {
             // -ENOENT: no listener (agent down). Other errors (e.g. the socket
             // is not listening any more) are handled the same way.
             if CORS_FAIL_CLOSED.load() != 0 {
-                warn!(ctx, "no listener for port {} (err {}): refusing (fail closed)", lookup.local_port, err);
+                warn!(
+                    ctx,
+                    "no listener for port {} (err {}): refusing (fail closed)",
+                    lookup.local_port,
+                    err
+                );
                 sk_action::SK_DROP
             } else {
-                warn!(ctx, "no listener for port {} (err {}): passing to app (fail open)", lookup.local_port, err);
+                warn!(
+                    ctx,
+                    "no listener for port {} (err {}): passing to app (fail open)",
+                    lookup.local_port,
+                    err
+                );
                 sk_action::SK_PASS
             }
         }
@@ -89,7 +131,7 @@ fn decide(lookup: &bpf_sk_lookup) -> Decision {
         return Decision::Pass;
     };
     // SAFETY: `get` returns a reference into the map value; PortValue is Pod.
-    let steered = unsafe { CORS_PORTS.get(&PortKey::new(port)) }
+    let steered = unsafe { CORS_PORTS.get(PortKey::new(port)) }
         .is_some_and(|v| v.flags & PORT_FLAG_STEER != 0);
     if !steered {
         return Decision::Pass;

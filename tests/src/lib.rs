@@ -5,3 +5,5 @@ pub mod backend;
 pub mod cases;
 pub mod certs;
 pub mod client;
+#[cfg(target_os = "linux")]
+pub mod netns;

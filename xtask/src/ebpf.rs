@@ -235,7 +235,7 @@ impl Prerequisites {
     fn record(&self) -> String {
         format!(
             "# Toolchain that built cors-ebpf.bpf.o (written by `cargo xtask build-ebpf`).\n\
-             rustc {}\n{} (LLVM {})\n",
+             {}\n{} (LLVM {})\n",
             self.rustc_version, self.bpf_linker_version, self.llvm_major
         )
     }
