@@ -19,6 +19,8 @@ pub enum ProxyError {
     HeadersTooLarge { limit: usize },
     #[error("cannot forward the request: {0}")]
     BadRequest(&'static str),
+    #[error("CONNECT is not forwarded")]
+    ConnectNotSupported,
     #[error("cannot connect to the app at {addr}")]
     UpstreamConnect {
         addr: SocketAddr,
@@ -44,6 +46,7 @@ impl ProxyError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
             Self::UpstreamConnect {
                 timed_out: true, ..
             }
@@ -57,7 +60,10 @@ impl ProxyError {
     /// A metrics label for failures that involve the app; `None` for the client's own.
     pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
-            Self::NoRoute | Self::HeadersTooLarge { .. } | Self::BadRequest(_) => None,
+            Self::NoRoute
+            | Self::HeadersTooLarge { .. }
+            | Self::BadRequest(_)
+            | Self::ConnectNotSupported => None,
             Self::UpstreamConnect {
                 timed_out: true, ..
             } => Some("connect_timeout"),
@@ -72,6 +78,7 @@ impl ProxyError {
             Self::NoRoute => "cors-agent: no route matches this request\n",
             Self::HeadersTooLarge { .. } => "cors-agent: request header fields too large\n",
             Self::BadRequest(_) => "cors-agent: bad request\n",
+            Self::ConnectNotSupported => "cors-agent: CONNECT is not supported\n",
             Self::UpstreamTimeout { .. }
             | Self::UpstreamConnect {
                 timed_out: true, ..

@@ -21,8 +21,8 @@ use prometheus_client::registry::Registry;
 
 use crate::cors::Outcome;
 
-use super::Labels;
-use super::server::ConnState;
+use super::server::InFlight;
+use super::{Labels, Shared};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -243,40 +243,52 @@ pub(super) struct Record {
     pub error: Option<String>,
 }
 
-/// A response body that reports the request when it ends or is dropped.
+/// Reports one request when dropped: after its response body ends, or as soon as the client
+/// goes away (hyper then drops the request's future or body). It also keeps the request
+/// counted as in flight on its connection until then.
+pub(super) struct Report {
+    pub record: Record,
+    /// 0 until a response exists: the client left before one was ready.
+    status: u16,
+    shared: Arc<Shared>,
+    _in_flight: InFlight,
+    peer: SocketAddr,
+    bytes: u64,
+    complete: bool,
+}
+
+impl Report {
+    pub(super) fn new(
+        record: Record,
+        shared: Arc<Shared>,
+        in_flight: InFlight,
+        peer: SocketAddr,
+    ) -> Self {
+        Self {
+            record,
+            status: 0,
+            shared,
+            _in_flight: in_flight,
+            peer,
+            bytes: 0,
+            complete: false,
+        }
+    }
+}
+
+/// A response body that reports its request when it ends or is dropped.
 pub struct Observed<B> {
     inner: B,
     report: Option<Report>,
 }
 
-struct Report {
-    record: Record,
-    status: u16,
-    metrics: Arc<super::Shared>,
-    conn: Arc<ConnState>,
-    bytes: u64,
-    complete: bool,
-}
-
 impl<B: Body> Observed<B> {
-    pub(super) fn new(
-        inner: B,
-        record: Record,
-        status: u16,
-        shared: Arc<super::Shared>,
-        conn: Arc<ConnState>,
-    ) -> Self {
-        let complete = inner.is_end_stream();
+    pub(super) fn new(inner: B, status: u16, mut report: Report) -> Self {
+        report.status = status;
+        report.complete = inner.is_end_stream();
         Self {
             inner,
-            report: Some(Report {
-                record,
-                status,
-                metrics: shared,
-                conn,
-                bytes: 0,
-                complete,
-            }),
+            report: Some(report),
         }
     }
 }
@@ -319,30 +331,22 @@ where
     }
 }
 
-impl<B> Drop for Observed<B> {
-    fn drop(&mut self) {
-        drop(self.report.take());
-    }
-}
-
 impl Drop for Report {
     fn drop(&mut self) {
         let r = &self.record;
         let elapsed = r.started.elapsed();
-        self.metrics
+        self.shared
             .metrics
             .request_done(r, self.status, elapsed.as_secs_f64());
-        self.conn.request_finished();
         let host = r
             .host
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| r.uri.authority().map(|a| a.as_str()))
             .unwrap_or("-");
-        let upstream = r.upstream.map(|a| a.to_string());
         tracing::info!(
             target: "cors_agent::access",
-            peer = %self.conn.peer,
+            peer = %self.peer,
             proto = ?r.version,
             method = %r.method,
             host,
@@ -351,7 +355,7 @@ impl Drop for Report {
             route = %r.labels.route,
             policy = %r.labels.policy,
             cors = r.outcome.as_str(),
-            upstream = upstream.as_deref().unwrap_or("-"),
+            upstream = r.upstream.map(tracing::field::display),
             bytes = self.bytes,
             duration_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3,
             complete = self.complete,

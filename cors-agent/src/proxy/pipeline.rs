@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -19,7 +19,7 @@ use crate::engine::{Verdict, decide};
 use super::errors::{self, ProxyError, chain};
 use super::forward::upstream_request;
 use super::hop;
-use super::observe::{Observed, Record};
+use super::observe::{Observed, Record, Report};
 use super::server::ConnState;
 use super::{Shared, upgrade};
 
@@ -32,7 +32,7 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    conn.request_started();
+    let in_flight = conn.request_started();
     // One snapshot per request: a reload mid-request does not change its answer.
     let snapshot = shared.snapshot();
     let (parts, body) = req.into_parts();
@@ -44,7 +44,7 @@ pub(super) async fn handle(
         &parts.headers,
         snapshot.unmatched,
     );
-    let mut record = Record {
+    let record = Record {
         started,
         method: parts.method.clone(),
         uri: parts.uri.clone(),
@@ -55,6 +55,7 @@ pub(super) async fn handle(
         upstream: None,
         error: None,
     };
+    let mut report = Report::new(record, shared.clone(), in_flight, conn.peer);
     let edits = match &decision {
         Decision::Forward(edits) => Some(edits),
         _ => None,
@@ -65,12 +66,15 @@ pub(super) async fn handle(
         Err(ProxyError::HeadersTooLarge {
             limit: shared.limits.max_request_header_bytes,
         })
+    } else if parts.method == Method::CONNECT {
+        // A reverse proxy in front of one app has no business opening tunnels to elsewhere.
+        Err(ProxyError::ConnectNotSupported)
     } else {
         match (&decision, hit.is_some()) {
             (Decision::Answer(answer), _) => Ok(preflight(answer)),
             (_, false) => Err(ProxyError::NoRoute),
             (_, true) => {
-                record.upstream = Some(conn.upstream);
+                report.record.upstream = Some(conn.upstream);
                 forward(parts, body, &conn, &shared).await
             }
         }
@@ -91,7 +95,7 @@ pub(super) async fn handle(
             }
             let message = chain(&err);
             debug!(peer = %conn.peer, error = %message, "answered by the agent");
-            record.error = Some(message);
+            report.record.error = Some(message);
             errors::reply(&err, edits, version).map(Either::Right)
         }
     };
@@ -100,7 +104,7 @@ pub(super) async fn handle(
         response.headers_mut().remove(CONTENT_LENGTH);
     }
     let status = response.status().as_u16();
-    Ok(response.map(|body| Observed::new(body, record, status, shared, conn)))
+    Ok(response.map(|body| Observed::new(body, status, report)))
 }
 
 /// A preflight answered here: 200, `content-length: 0`, the policy's headers.

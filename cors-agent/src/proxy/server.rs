@@ -10,6 +10,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -43,18 +44,29 @@ pub(super) struct ConnState {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last response ended.
     idle_since_ms: AtomicU64,
+    /// Wakes the watchdog when a request starts or ends, so its deadline is recomputed.
+    changed: Notify,
+}
+
+/// A request in flight on its connection, until dropped.
+pub(super) struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let conn = &self.0;
+        let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        conn.idle_since_ms.store(ms, Ordering::Relaxed);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        conn.changed.notify_one();
+    }
 }
 
 impl ConnState {
-    pub(super) fn request_started(&self) {
+    pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub(super) fn request_finished(&self) {
-        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.idle_since_ms.store(ms, Ordering::Relaxed);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
+        InFlight(self.clone())
     }
 
     /// What the watchdog should do now, or when to look again.
@@ -106,6 +118,7 @@ where
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
+        changed: Notify::new(),
     });
     let Some(acceptor) = ctx.tls else {
         return serve_http(io, state, shared).await;
@@ -176,6 +189,7 @@ where
                 closing = true;
             }
             () = tokio::time::sleep_until(next) => {}
+            () = state.changed.notified() => {}
         }
     }
 }
