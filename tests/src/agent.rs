@@ -322,3 +322,32 @@ pub fn poll(within: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// One HTTPRoute for every host and path whose rule allows `https://app.example.com` with
+/// credentials: enough for the suites that test transport rather than policy.
+pub const APP_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: app
+  namespace: default
+spec:
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://app.example.com"]
+        allowMethods: [GET, POST]
+        allowHeaders: [Content-Type]
+        exposeHeaders: [X-Request-Id]
+        allowCredentials: true
+    backendRefs:
+    - name: app
+      port: 8000
+"#;
+
+/// Writes `yaml` to `name` in `dir` and returns the path.
+pub fn write_resources(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).expect("write resources");
+    path
+}

@@ -119,12 +119,16 @@ impl Backend {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    // Owned here so that stopping the backend closes its open connections too, as a crashed
+    // app would.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        while connections.try_join_next().is_some() {}
         let state = state.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |req| handle(req, state.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
