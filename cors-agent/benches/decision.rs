@@ -11,7 +11,9 @@ use cors_agent::engine::{decide, load_table};
 use cors_agent::routes::{BuildOptions, RouteTable};
 
 fn table() -> RouteTable {
-    let origins: Vec<String> = (0..64).map(|i| format!("\"https://app{i}.example.com\"")).collect();
+    let origins: Vec<String> = (0..64)
+        .map(|i| format!("\"https://app{i}.example.com\""))
+        .collect();
     let mut yaml = String::new();
     for i in 0..100 {
         yaml.push_str(&format!(
@@ -52,8 +54,14 @@ fn request(method: Method, origin: &'static str, preflight: bool) -> (Method, Ur
     h.insert("host", HeaderValue::from_static("api.example.com"));
     h.insert("origin", HeaderValue::from_static(origin));
     if preflight {
-        h.insert("access-control-request-method", HeaderValue::from_static("PUT"));
-        h.insert("access-control-request-headers", HeaderValue::from_static("content-type"));
+        h.insert(
+            "access-control-request-method",
+            HeaderValue::from_static("PUT"),
+        );
+        h.insert(
+            "access-control-request-headers",
+            HeaderValue::from_static("content-type"),
+        );
     }
     (method, Uri::from_static("/svc-73/items/42"), h)
 }
@@ -65,10 +73,22 @@ fn bench(c: &mut Criterion) {
     backend.insert("access-control-allow-origin", HeaderValue::from_static("*"));
 
     let cases = [
-        ("preflight_allowed", request(Method::OPTIONS, "https://app63.example.com", true)),
-        ("preflight_denied", request(Method::OPTIONS, "https://evil.example.net", true)),
-        ("actual_allowed", request(Method::GET, "https://app63.example.com", false)),
-        ("actual_denied", request(Method::GET, "https://evil.example.net", false)),
+        (
+            "preflight_allowed",
+            request(Method::OPTIONS, "https://app63.example.com", true),
+        ),
+        (
+            "preflight_denied",
+            request(Method::OPTIONS, "https://evil.example.net", true),
+        ),
+        (
+            "actual_allowed",
+            request(Method::GET, "https://app63.example.com", false),
+        ),
+        (
+            "actual_denied",
+            request(Method::GET, "https://evil.example.net", false),
+        ),
     ];
     let mut group = c.benchmark_group("decision");
     for (name, (method, uri, headers)) in &cases {

@@ -89,7 +89,11 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
     let raw = uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
     if raw.starts_with('[') {

@@ -24,7 +24,10 @@ fn validate_accepts_the_example_and_prints_lint_warnings() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("valid: 2 HTTPRoute(s)"), "{stdout}");
-    assert!(stderr.contains("warning: examples/httpbin.yaml:"), "{stderr}");
+    assert!(
+        stderr.contains("warning: examples/httpbin.yaml:"),
+        "{stderr}"
+    );
     assert!(stderr.contains("Chromium caps"), "{stderr}");
 }
 
@@ -53,7 +56,11 @@ fn validate_exits_2_with_file_line_resource_field_and_reason() {
 fn validate_reads_folders_and_names_ignored_kinds() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy("../examples/httpbin.yaml", dir.path().join("a.yaml")).unwrap();
-    std::fs::write(dir.path().join("b.yml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.yml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not read").unwrap();
     let out = cors_agent(&["validate", "-f", dir.path().to_str().unwrap()]);
     let (_, stderr) = text(&out);
@@ -64,8 +71,16 @@ fn validate_reads_folders_and_names_ignored_kinds() {
 #[test]
 fn explain_shows_route_policy_origin_and_the_exact_answer() {
     let out = cors_agent(&[
-        "explain", "-f", "examples/httpbin.yaml", "-X", "OPTIONS", "https://www.example.com/get",
-        "-H", "Origin: https://example.com", "-H", "Access-Control-Request-Method: GET",
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "-X",
+        "OPTIONS",
+        "https://www.example.com/get",
+        "-H",
+        "Origin: https://example.com",
+        "-H",
+        "Access-Control-Request-Method: GET",
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -88,12 +103,19 @@ fn explain_shows_route_policy_origin_and_the_exact_answer() {
 #[test]
 fn explain_says_why_an_origin_is_refused() {
     let out = cors_agent(&[
-        "explain", "-f", "examples/httpbin.yaml", "https://www.example.com/get",
-        "-H", "origin: https://example.com.evil.test",
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "https://www.example.com/get",
+        "-H",
+        "origin: https://example.com.evil.test",
     ]);
     let (stdout, _) = text(&out);
     assert!(out.status.success());
-    assert!(stdout.contains("NOT allowed: no allowOrigins entry matches"), "{stdout}");
+    assert!(
+        stdout.contains("NOT allowed: no allowOrigins entry matches"),
+        "{stdout}"
+    );
     assert!(stdout.contains("decision: denied"), "{stdout}");
     assert!(!stdout.contains("access-control-allow-origin"), "{stdout}");
 }
@@ -103,7 +125,14 @@ fn explain_refuses_a_url_without_host_and_a_bad_header() {
     let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", "/get"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("give a full URL"));
-    let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", "https://a.test/", "-H", "Origin"]);
+    let out = cors_agent(&[
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "https://a.test/",
+        "-H",
+        "Origin",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("expected 'Name: value'"));
 }
@@ -112,6 +141,9 @@ fn explain_refuses_a_url_without_host_and_a_bad_header() {
 fn help_shows_examples() {
     for cmd in ["validate", "explain"] {
         let out = cors_agent(&[cmd, "--help"]);
-        assert!(text(&out).0.contains("Examples:"), "{cmd} --help has no examples");
+        assert!(
+            text(&out).0.contains("Examples:"),
+            "{cmd} --help has no examples"
+        );
     }
 }

@@ -73,7 +73,9 @@ pub struct Expect {
     pub backend_saw: BTreeMap<String, String>,
 }
 
-fn pairs_from_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+fn pairs_from_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, String)>, D::Error> {
     let map: BTreeMap<String, String> = BTreeMap::deserialize(d)?;
     Ok(map.into_iter().collect())
 }
@@ -92,7 +94,11 @@ pub fn load_all() -> Vec<CaseFile> {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     paths.sort();
-    assert!(!paths.is_empty(), "no case files in {}", cases_dir().display());
+    assert!(
+        !paths.is_empty(),
+        "no case files in {}",
+        cases_dir().display()
+    );
     paths.iter().map(|p| load(p)).collect()
 }
 
@@ -133,7 +139,13 @@ fn same_value(name: &str, got: &str, want: &str) -> bool {
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|t| if fold { t.to_ascii_lowercase() } else { t.to_string() })
+            .map(|t| {
+                if fold {
+                    t.to_ascii_lowercase()
+                } else {
+                    t.to_string()
+                }
+            })
             .collect();
         v.sort();
         v.dedup();
@@ -167,7 +179,9 @@ pub fn check(
     if let Some(want) = e.forwarded
         && want != forwarded
     {
-        problems.push(format!("forwarded to the backend: {forwarded}, expected {want}"));
+        problems.push(format!(
+            "forwarded to the backend: {forwarded}, expected {want}"
+        ));
     }
     for name in SINGLE_HEADERS {
         let n = headers.get_all(name).iter().count();
@@ -202,9 +216,14 @@ pub fn check(
         .filter(|t| !t.is_empty())
         .collect();
     for token in &e.vary {
-        let n = vary.iter().filter(|t| **t == token.to_ascii_lowercase()).count();
+        let n = vary
+            .iter()
+            .filter(|t| **t == token.to_ascii_lowercase())
+            .count();
         if n != 1 {
-            problems.push(format!("Vary has {token:?} {n} times (Vary: {vary:?}), expected once"));
+            problems.push(format!(
+                "Vary has {token:?} {n} times (Vary: {vary:?}), expected once"
+            ));
         }
     }
     if !e.backend_saw.is_empty() {
@@ -214,7 +233,9 @@ pub fn check(
                 for (name, want) in &e.backend_saw {
                     match joined(saw, name) {
                         Some(got) if got == *want => {}
-                        got => problems.push(format!("backend saw {name}: {got:?}, expected {want:?}")),
+                        got => {
+                            problems.push(format!("backend saw {name}: {got:?}, expected {want:?}"))
+                        }
                     }
                 }
             }

@@ -9,11 +9,17 @@ use cors_agent::routes::BuildOptions;
 use cors_agent_tests::cases::{self, CaseFile};
 
 /// What the proxy would send back, computed from the decision and the case's backend.
-fn respond(file: &CaseFile, table: &cors_agent::routes::RouteTable, case: &cases::Case) -> (u16, HeaderMap, bool, HeaderMap) {
+fn respond(
+    file: &CaseFile,
+    table: &cors_agent::routes::RouteTable,
+    case: &cases::Case,
+) -> (u16, HeaderMap, bool, HeaderMap) {
     let req = &case.request;
     let method = Method::from_bytes(req.method.as_bytes()).expect("case method");
     let host = req.host.as_deref().unwrap_or("www.example.com");
-    let uri: Uri = format!("http://{host}{}", req.path).parse().expect("case path");
+    let uri: Uri = format!("http://{host}{}", req.path)
+        .parse()
+        .expect("case path");
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
         headers.append(
@@ -80,7 +86,12 @@ fn every_behaviour_case_holds_for_the_engine() {
         }
     }
     assert!(count >= 40, "only {count} cases were replayed");
-    assert!(failures.is_empty(), "{} of {count} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {count} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -93,14 +104,21 @@ fn unmatched_preflights_forward_returns_the_backends_answer() {
     let case = file
         .cases
         .iter()
-        .find(|c| c.name.starts_with("preflight from an origin that is not allowed"))
+        .find(|c| {
+            c.name
+                .starts_with("preflight from an origin that is not allowed")
+        })
         .unwrap();
     let mut forward = file.clone();
     forward.agent.unmatched_preflights = Some("forward".into());
     let (status, headers, forwarded, _) = respond(&forward, &table, case);
     assert_eq!(status, 200);
     assert!(forwarded, "a denied preflight goes to the app");
-    assert_eq!(headers.get("access-control-allow-origin").unwrap(), "*", "the app's answer is returned as is");
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "*",
+        "the app's answer is returned as is"
+    );
 }
 
 #[test]
@@ -109,9 +127,18 @@ fn the_comparison_catches_a_wrong_answer() {
     let case = &file.cases[0];
     let mut h = HeaderMap::new();
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    h.append("access-control-allow-origin", HeaderValue::from_static("https://example.com"));
+    h.append(
+        "access-control-allow-origin",
+        HeaderValue::from_static("https://example.com"),
+    );
     let err = cases::check(case, 204, &h, true, None).unwrap_err();
-    for part in ["status 204", "forwarded", "appears 2 times", "access-control-allow-methods: missing", "Vary"] {
+    for part in [
+        "status 204",
+        "forwarded",
+        "appears 2 times",
+        "access-control-allow-methods: missing",
+        "Vary",
+    ] {
         assert!(err.contains(part), "{part:?} not reported in: {err}");
     }
 }

@@ -16,15 +16,26 @@ pub fn run(_args: Ci) -> Result<()> {
     let started = Instant::now();
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     step("prerequisites", install_prerequisites)?;
-    step("cargo fmt --check", || cargo(&["fmt", "--all", "--", "--check"]))?;
+    step("cargo fmt --check", || {
+        cargo(&["fmt", "--all", "--", "--check"])
+    })?;
     step("cargo clippy", || {
-        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
     })?;
     step("cargo test", || cargo(&["test", "--workspace"]))?;
     step("eBPF object matches its source", || {
         run_cmd(Command::new(&xtask).args(["build-ebpf", "--check"]))
     })?;
-    step("demo smoke run", || run_cmd(Command::new(&xtask).args(["demo", "--smoke"])))?;
+    step("demo smoke run", || {
+        run_cmd(Command::new(&xtask).args(["demo", "--smoke"]))
+    })?;
     println!("\nci: every step passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -38,13 +49,15 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    run_cmd(Command::new(env!("CARGO")).args(args).current_dir(workspace_root()))
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .args(args)
+            .current_dir(workspace_root()),
+    )
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} exited with {status}");
     }
@@ -61,9 +74,14 @@ fn have(program: &str) -> bool {
 /// The end-to-end suites create network namespaces and load eBPF programs: they need root and
 /// iproute2. rustfmt and clippy come from rustup.
 fn install_prerequisites() -> Result<()> {
-    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        bail!("the test suite needs root (network namespaces, eBPF): run it as root, e.g. with sudo -E");
+        bail!(
+            "the test suite needs root (network namespaces, eBPF): run it as root, e.g. with sudo -E"
+        );
     }
     for component in ["rustfmt", "clippy"] {
         let listed = Command::new("rustup")

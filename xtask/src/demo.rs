@@ -51,8 +51,9 @@ pub fn run(args: Demo) -> Result<()> {
     } else {
         (args.port, args.app_port)
     };
-    let app = TcpListener::bind(("127.0.0.1", app_port))
-        .with_context(|| format!("demo app: cannot listen on 127.0.0.1:{app_port} (try --app-port)"))?;
+    let app = TcpListener::bind(("127.0.0.1", app_port)).with_context(|| {
+        format!("demo app: cannot listen on 127.0.0.1:{app_port} (try --app-port)")
+    })?;
     let app_addr = app.local_addr()?;
     thread::spawn(move || serve_demo_app(app));
 
@@ -65,8 +66,16 @@ pub fn run(args: Demo) -> Result<()> {
             .args(["--upstream", &app_addr.to_string()])
             .arg("-f")
             .arg(&resources)
-            .stdout(if args.smoke { Stdio::null() } else { Stdio::inherit() })
-            .stderr(if args.smoke { Stdio::null() } else { Stdio::inherit() })
+            .stdout(if args.smoke {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            })
+            .stderr(if args.smoke {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?,
     );
@@ -76,11 +85,15 @@ pub fn run(args: Demo) -> Result<()> {
     if args.smoke {
         for r in &requests {
             let answer = send(agent_addr, r.raw)?;
-            (r.check)(&answer).with_context(|| format!("demo request {:?}:\n{}", r.title, answer))?;
+            (r.check)(&answer)
+                .with_context(|| format!("demo request {:?}:\n{}", r.title, answer))?;
             println!("ok: {}", r.title);
         }
         drop(agent);
-        println!("demo smoke: {} requests answered as expected", requests.len());
+        println!(
+            "demo smoke: {} requests answered as expected",
+            requests.len()
+        );
         return Ok(());
     }
 
@@ -90,7 +103,11 @@ pub fn run(args: Demo) -> Result<()> {
         relative(&resources, &root)
     );
     for r in &requests {
-        println!("# {}\n{}\n", r.title, r.curl.replace("ADDR", &agent_addr.to_string()));
+        println!(
+            "# {}\n{}\n",
+            r.title,
+            r.curl.replace("ADDR", &agent_addr.to_string())
+        );
     }
     println!("Press Ctrl-C to stop.");
     let mut agent = agent;
@@ -110,13 +127,10 @@ struct DemoRequest {
 }
 
 fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
-    answer
-        .lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+    answer.lines().take_while(|l| !l.is_empty()).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 fn demo_requests() -> Vec<DemoRequest> {
@@ -127,9 +141,18 @@ fn demo_requests() -> Vec<DemoRequest> {
             raw: "OPTIONS /get HTTP/1.1\r\nHost: www.example.com\r\nOrigin: https://example.com\r\nAccess-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
             check: |a| {
                 ensure!(a.starts_with("HTTP/1.1 200"), "expected 200");
-                ensure!(header(a, "access-control-allow-origin") == Some("https://example.com"), "expected the origin echoed");
-                ensure!(header(a, "access-control-allow-methods") == Some("GET,POST,OPTIONS"), "expected the configured methods");
-                ensure!(header(a, "x-demo-app").is_none(), "the preflight reached the app");
+                ensure!(
+                    header(a, "access-control-allow-origin") == Some("https://example.com"),
+                    "expected the origin echoed"
+                );
+                ensure!(
+                    header(a, "access-control-allow-methods") == Some("GET,POST,OPTIONS"),
+                    "expected the configured methods"
+                );
+                ensure!(
+                    header(a, "x-demo-app").is_none(),
+                    "the preflight reached the app"
+                );
                 Ok(())
             },
         },
@@ -139,7 +162,10 @@ fn demo_requests() -> Vec<DemoRequest> {
             raw: "OPTIONS /get HTTP/1.1\r\nHost: www.example.com\r\nOrigin: https://notallowed.com\r\nAccess-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
             check: |a| {
                 ensure!(a.starts_with("HTTP/1.1 200"), "expected 200");
-                ensure!(!a.to_ascii_lowercase().contains("access-control-"), "expected no access-control-* header");
+                ensure!(
+                    !a.to_ascii_lowercase().contains("access-control-"),
+                    "expected no access-control-* header"
+                );
                 Ok(())
             },
         },
@@ -149,9 +175,18 @@ fn demo_requests() -> Vec<DemoRequest> {
             raw: "GET /get HTTP/1.1\r\nHost: www.example.com\r\nOrigin: https://example.com\r\nConnection: close\r\n\r\n",
             check: |a| {
                 ensure!(a.starts_with("HTTP/1.1 200"), "expected 200");
-                ensure!(header(a, "x-demo-app").is_some(), "expected the app's answer");
-                ensure!(header(a, "access-control-allow-origin") == Some("https://example.com"), "expected the origin echoed, not *");
-                ensure!(header(a, "access-control-allow-credentials") == Some("true"), "expected credentials allowed");
+                ensure!(
+                    header(a, "x-demo-app").is_some(),
+                    "expected the app's answer"
+                );
+                ensure!(
+                    header(a, "access-control-allow-origin") == Some("https://example.com"),
+                    "expected the origin echoed, not *"
+                );
+                ensure!(
+                    header(a, "access-control-allow-credentials") == Some("true"),
+                    "expected credentials allowed"
+                );
                 Ok(())
             },
         },

@@ -20,7 +20,12 @@ pub struct ExplainArgs {
     #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
     pub files: Vec<PathBuf>,
     /// The request method.
-    #[arg(short = 'X', long = "request", default_value = "GET", value_name = "METHOD")]
+    #[arg(
+        short = 'X',
+        long = "request",
+        default_value = "GET",
+        value_name = "METHOD"
+    )]
     pub method: String,
     /// A request header, curl style (repeatable).
     #[arg(short = 'H', long = "header", value_name = "'NAME: VALUE'")]
@@ -130,7 +135,10 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
 
     match v.policy {
         None => {
-            let _ = writeln!(out, "policy:   none: traffic on this route passes through untouched");
+            let _ = writeln!(
+                out,
+                "policy:   none: traffic on this route passes through untouched"
+            );
         }
         Some(winner) => {
             let _ = writeln!(out, "policy:   {}", describe_policy(winner));
@@ -173,7 +181,10 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
         Decision::Answer(answer) => {
             let mut h = HeaderMap::new();
             answer.write_headers(&mut h);
-            let _ = writeln!(out, "answered by cors-agent, not forwarded:\nHTTP/1.1 200 OK");
+            let _ = writeln!(
+                out,
+                "answered by cors-agent, not forwarded:\nHTTP/1.1 200 OK"
+            );
             write_headers(&mut out, &h);
         }
         Decision::Forward(edits) if v.hit.is_none() => {
@@ -197,10 +208,16 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
             write_headers(&mut out, &h);
         }
         Decision::PassThrough(_) if v.hit.is_none() => {
-            let _ = writeln!(out, "answered by cors-agent:\nHTTP/1.1 404 Not Found (no CORS headers)");
+            let _ = writeln!(
+                out,
+                "answered by cors-agent:\nHTTP/1.1 404 Not Found (no CORS headers)"
+            );
         }
         Decision::PassThrough(_) => {
-            let _ = writeln!(out, "forwarded to the app; its response is returned unchanged");
+            let _ = writeln!(
+                out,
+                "forwarded to the app; its response is returned unchanged"
+            );
         }
     }
     out

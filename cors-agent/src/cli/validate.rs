@@ -22,7 +22,11 @@ pub fn run(args: &ValidateArgs) -> ExitCode {
         Ok((table, diags)) => {
             eprint!("{diags}");
             let rules = table.rules().len();
-            let with_policy = table.rules().iter().filter(|r| r.policy().is_some()).count();
+            let with_policy = table
+                .rules()
+                .iter()
+                .filter(|r| r.policy().is_some())
+                .count();
             println!(
                 "valid: {} HTTPRoute(s), {rules} rule(s), {with_policy} with a CORS policy, {} warning(s)",
                 table.routes().len(),

@@ -46,7 +46,12 @@ impl<S> Loaded<S> {
     }
 
     /// A diagnostic about `field` (a path inside this resource, like `spec.rules[0]`).
-    pub fn diagnostic(&self, severity: Severity, field: &str, reason: impl Into<String>) -> Diagnostic {
+    pub fn diagnostic(
+        &self,
+        severity: Severity,
+        field: &str,
+        reason: impl Into<String>,
+    ) -> Diagnostic {
         Diagnostic {
             severity,
             file: Some(self.file.to_path_buf()),
@@ -119,8 +124,7 @@ fn expand(path: &Path, diags: &mut Diagnostics) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
         })
         .collect();
     files.sort();
@@ -199,7 +203,11 @@ fn load_object(value: Value, ctx: DocContext, out: &mut Resources, diags: &mut D
             ));
         }
     };
-    let group = meta.api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
+    let group = meta
+        .api_version
+        .split_once('/')
+        .map(|(g, _)| g)
+        .unwrap_or("");
     let version = meta.api_version.rsplit('/').next().unwrap_or("");
     match (group, meta.kind.as_str()) {
         (GATEWAY_GROUP, "HTTPRoute") if matches!(version, "v1" | "v1beta1") => {
@@ -288,7 +296,9 @@ fn typed<S: DeserializeOwned>(
         }
         Some(n) if !is_dns_subdomain(n) => diags.push(diag(
             "metadata.name".into(),
-            format!("{n:?} is not a valid name: lower-case letters, digits, '-' and '.', at most 253"),
+            format!(
+                "{n:?} is not a valid name: lower-case letters, digits, '-' and '.', at most 253"
+            ),
         )),
         _ => {}
     }

@@ -249,9 +249,16 @@ impl TrafficSpec {
             ("authorization", self.authorization.is_some()),
             ("jwtAuthentication", self.jwt_authentication.is_some()),
             ("basicAuthentication", self.basic_authentication.is_some()),
-            ("apiKeyAuthentication", self.api_key_authentication.is_some()),
+            (
+                "apiKeyAuthentication",
+                self.api_key_authentication.is_some(),
+            ),
             ("directResponse", self.direct_response.is_some()),
         ];
-        fields.into_iter().filter(|(_, set)| *set).map(|(n, _)| n).collect()
+        fields
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(n, _)| n)
+            .collect()
     }
 }

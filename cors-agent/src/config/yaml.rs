@@ -65,7 +65,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
     Ok(out)
 }
 
-fn convert(node: &MarkedYaml<'_>, path: &mut String, lines: &mut LineIndex) -> Result<Value, YamlError> {
+fn convert(
+    node: &MarkedYaml<'_>,
+    path: &mut String,
+    lines: &mut LineIndex,
+) -> Result<Value, YamlError> {
     let line = node.span.start.line();
     lines.0.entry(path.clone()).or_insert(line);
     let err = |reason: String| YamlError { line, reason };

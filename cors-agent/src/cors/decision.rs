@@ -166,7 +166,11 @@ impl PreflightAnswer<'_> {
 /// `allowHeaders: ["*"]` answers with the names the browser asked for, trimmed.
 fn echo_request_headers(acrh: &HeaderValue) -> Option<HeaderValue> {
     let s = acrh.to_str().ok()?;
-    let names: Vec<&str> = s.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+    let names: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
     if names.is_empty() {
         return None;
     }

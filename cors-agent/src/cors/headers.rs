@@ -123,9 +123,15 @@ mod tests {
     fn backend_cors_headers_are_all_removed() {
         let mut h = HeaderMap::new();
         h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-        h.append(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("https://x"));
+        h.append(
+            ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("https://x"),
+        );
         h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("1"));
-        h.insert("access-control-allow-private-network", HeaderValue::from_static("true"));
+        h.insert(
+            "access-control-allow-private-network",
+            HeaderValue::from_static("true"),
+        );
         h.insert("x-other", HeaderValue::from_static("kept"));
         strip_backend_cors(&mut h);
         assert_eq!(h.len(), 1);

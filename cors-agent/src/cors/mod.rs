@@ -7,11 +7,13 @@
 
 mod decision;
 mod headers;
-mod origin;
+pub(crate) mod origin;
 mod policy;
 mod request;
 
-pub use decision::{Decision, Outcome, PreflightAnswer, ResponseEdits, UnmatchedPreflights, evaluate};
+pub use decision::{
+    Decision, Outcome, PreflightAnswer, ResponseEdits, UnmatchedPreflights, evaluate,
+};
 pub use origin::{AllowOrigins, Origin, OriginList, OriginMatch, OriginPattern, Scheme};
 pub use policy::{AllowList, CorsPolicy, CorsPolicyError};
 pub use request::{RequestKind, classify};

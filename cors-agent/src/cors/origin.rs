@@ -184,9 +184,7 @@ impl OriginPattern {
             } => {
                 *scheme == origin.scheme
                     && *port == origin.port
-                    && origin.host.len() > suffix.len()
-                    && origin.host.is_char_boundary(origin.host.len() - suffix.len())
-                    && origin.host[origin.host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && under_suffix(origin.host, suffix)
             }
             Self::AnyHost { scheme, port } => *scheme == origin.scheme && *port == origin.port,
         }
@@ -244,7 +242,9 @@ impl OriginList {
         let mut wildcards = Vec::new();
         for (i, p) in patterns.iter().enumerate() {
             match p {
-                OriginPattern::Exact { host, .. } => exact.entry(host.as_str().into()).or_default().push(i),
+                OriginPattern::Exact { host, .. } => {
+                    exact.entry(host.as_str().into()).or_default().push(i)
+                }
                 _ => wildcards.push(i),
             }
         }
@@ -272,7 +272,11 @@ impl OriginList {
         let mut buf = [0u8; MAX_HOST_LEN];
         let exact = lowercase(origin.host, &mut buf)
             .and_then(|h| self.exact.get(h))
-            .and_then(|ids| ids.iter().copied().find(|&i| self.patterns[i].matches(origin)));
+            .and_then(|ids| {
+                ids.iter()
+                    .copied()
+                    .find(|&i| self.patterns[i].matches(origin))
+            });
         let wildcard = self
             .wildcards
             .iter()
@@ -291,10 +295,20 @@ impl PartialEq for OriginList {
 
 impl Eq for OriginList {}
 
-/// DNS names are at most 253 characters (an IPv6 literal in brackets is shorter).
-const MAX_HOST_LEN: usize = 253;
+/// `host` is one or more labels followed by `suffix` (which starts with a dot), in any case:
+/// the `*.suffix` rule for origins and for route hostnames alike.
+pub(crate) fn under_suffix(host: &str, suffix: &str) -> bool {
+    host.len() > suffix.len()
+        && host.is_char_boundary(host.len() - suffix.len())
+        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
 
-fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
+/// DNS names are at most 253 characters (an IPv6 literal in brackets is shorter).
+pub(crate) const MAX_HOST_LEN: usize = 253;
+
+/// Lower-cases `host` into `buf`, so hash lookups by host need no allocation; `None` when it
+/// is longer than any DNS name.
+pub(crate) fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
     let out = buf.get_mut(..host.len())?;
     out.copy_from_slice(host.as_bytes());
     out.make_ascii_lowercase();
@@ -389,10 +403,15 @@ mod tests {
     #[test]
     fn the_first_matching_entry_in_configured_order_is_reported() {
         let list = AllowOrigins::List(OriginList::new(
-            ["https://a.test", "https://*.b.test", "https://x.b.test", "https://X.B.test:8443"]
-                .iter()
-                .map(|p| OriginPattern::parse(p).unwrap())
-                .collect(),
+            [
+                "https://a.test",
+                "https://*.b.test",
+                "https://x.b.test",
+                "https://X.B.test:8443",
+            ]
+            .iter()
+            .map(|p| OriginPattern::parse(p).unwrap())
+            .collect(),
         ));
         let index = |o: &str| match list.find(o, true) {
             Some(OriginMatch::Entry(i, _)) => Some(i),
@@ -434,7 +453,13 @@ mod properties {
     fn flip_case(s: &str, mask: u64) -> String {
         s.chars()
             .enumerate()
-            .map(|(i, c)| if mask >> (i % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+            .map(|(i, c)| {
+                if mask >> (i % 64) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
             .collect()
     }
 

@@ -164,7 +164,10 @@ fn compile_origins(entries: &[String], report: &mut Report) -> AllowOrigins {
     if entries.len() > MAX_ORIGINS {
         report.error(
             "allowOrigins",
-            format!("{} entries, at most {MAX_ORIGINS} are allowed", entries.len()),
+            format!(
+                "{} entries, at most {MAX_ORIGINS} are allowed",
+                entries.len()
+            ),
         );
     }
     if entries.iter().any(|e| e == "*") {
@@ -204,7 +207,10 @@ fn compile_origins(entries: &[String], report: &mut Report) -> AllowOrigins {
                     patterns.push(p);
                 }
             }
-            None => report.error(field, format!("{entry:?}: port must be between 1 and 65535")),
+            None => report.error(
+                field,
+                format!("{entry:?}: port must be between 1 and 65535"),
+            ),
         }
     }
     AllowOrigins::List(OriginList::new(patterns))
@@ -217,7 +223,10 @@ fn compile_methods(entries: Option<&[String]>, report: &mut Report) -> AllowList
     if entries.len() > MAX_METHODS {
         report.error(
             "allowMethods",
-            format!("{} entries, at most {MAX_METHODS} are allowed", entries.len()),
+            format!(
+                "{} entries, at most {MAX_METHODS} are allowed",
+                entries.len()
+            ),
         );
     }
     if let Some(list) = star_or_empty("allowMethods", entries, true, report) {
@@ -230,7 +239,10 @@ fn compile_methods(entries: Option<&[String]>, report: &mut Report) -> AllowList
                 format!("{m:?} is not one of {} or \"*\"", METHODS.join(" ")),
             );
         } else if let Some(j) = entries[..i].iter().position(|p| p == m) {
-            report.error(format!("allowMethods[{i}]"), format!("{m:?} repeats entry [{j}]"));
+            report.error(
+                format!("allowMethods[{i}]"),
+                format!("{m:?} repeats entry [{j}]"),
+            );
         }
     }
     render(entries.iter().map(String::as_str))
@@ -248,7 +260,10 @@ fn compile_header_list(
     if entries.len() > MAX_HEADERS {
         report.error(
             field,
-            format!("{} entries, at most {MAX_HEADERS} are allowed", entries.len()),
+            format!(
+                "{} entries, at most {MAX_HEADERS} are allowed",
+                entries.len()
+            ),
         );
     }
     if let Some(list) = star_or_empty(field, entries, star_alone, report) {
@@ -265,7 +280,10 @@ fn compile_header_list(
                 format!("{h:?} is not a valid HTTP header name"),
             );
         } else if let Some(j) = lower[..i].iter().position(|p| *p == lower[i]) {
-            report.error(format!("{field}[{i}]"), format!("{h:?} repeats entry [{j}]"));
+            report.error(
+                format!("{field}[{i}]"),
+                format!("{h:?} repeats entry [{j}]"),
+            );
         }
     }
     render(lower.iter().map(String::as_str))
@@ -291,14 +309,20 @@ fn star_or_empty(
     }
     for (i, e) in entries.iter().enumerate() {
         if e.trim().is_empty() {
-            report.error(format!("{field}[{i}]"), "empty entry (a stray comma or blank item?)");
+            report.error(
+                format!("{field}[{i}]"),
+                "empty entry (a stray comma or blank item?)",
+            );
         }
     }
     None
 }
 
 fn render<'a>(items: impl Iterator<Item = &'a str>) -> AllowList {
-    let joined = items.filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",");
+    let joined = items
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(",");
     // Validation has already reported anything that is not a token, so this only fails on
     // input that also produced an error.
     HeaderValue::from_str(&joined)
@@ -309,9 +333,8 @@ fn render<'a>(items: impl Iterator<Item = &'a str>) -> AllowList {
 /// RFC 9110 `token`.
 pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -345,7 +368,13 @@ mod tests {
 
     #[test]
     fn origin_with_trailing_slash_or_path_is_rejected() {
-        for bad in ["https://a.test/", "https://a.test/x", "a.test", "https://*", "https://a.*.test"] {
+        for bad in [
+            "https://a.test/",
+            "https://a.test/x",
+            "a.test",
+            "https://*",
+            "https://a.*.test",
+        ] {
             let e = errors(&spec(&[bad]));
             if bad == "https://*" {
                 assert!(e.is_empty(), "scheme://* is a valid pattern");
@@ -378,7 +407,10 @@ mod tests {
             ..spec(&["https://a.test"])
         };
         let (p, _) = CorsPolicy::compile(&s, None).unwrap();
-        assert_eq!(p.methods, AllowList::List(HeaderValue::from_static("GET,POST,OPTIONS")));
+        assert_eq!(
+            p.methods,
+            AllowList::List(HeaderValue::from_static("GET,POST,OPTIONS"))
+        );
         let s = CorsSpec {
             allow_methods: Some(vec!["get".into()]),
             ..spec(&["https://a.test"])
@@ -394,7 +426,10 @@ mod tests {
             ..spec(&["https://a.test"])
         };
         let (p, _) = CorsPolicy::compile(&s, None).unwrap();
-        assert_eq!(p.headers, AllowList::List(HeaderValue::from_static("x-header-1,content-type")));
+        assert_eq!(
+            p.headers,
+            AllowList::List(HeaderValue::from_static("x-header-1,content-type"))
+        );
         assert_eq!(p.expose_headers, Some(HeaderValue::from_static("origin")));
         let s = CorsSpec {
             allow_headers: Some(vec!["bad header".into()]),

@@ -1,9 +1,9 @@
 //! What kind of CORS request this is, from the request line and headers alone.
 
+use http::Method;
 use http::header::{
     ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, HeaderMap, HeaderValue, ORIGIN,
 };
-use http::Method;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind<'a> {
@@ -65,11 +65,26 @@ mod tests {
 
     #[test]
     fn preflight_needs_options_origin_and_a_request_method() {
-        let h = headers(&[("origin", "https://a.test"), ("access-control-request-method", "GET")]);
-        assert!(matches!(classify(&Method::OPTIONS, &h), RequestKind::Preflight { .. }));
-        assert!(matches!(classify(&Method::GET, &h), RequestKind::Actual { .. }));
-        let h = headers(&[("origin", "https://a.test"), ("access-control-request-method", " ")]);
-        assert!(matches!(classify(&Method::OPTIONS, &h), RequestKind::Actual { .. }));
+        let h = headers(&[
+            ("origin", "https://a.test"),
+            ("access-control-request-method", "GET"),
+        ]);
+        assert!(matches!(
+            classify(&Method::OPTIONS, &h),
+            RequestKind::Preflight { .. }
+        ));
+        assert!(matches!(
+            classify(&Method::GET, &h),
+            RequestKind::Actual { .. }
+        ));
+        let h = headers(&[
+            ("origin", "https://a.test"),
+            ("access-control-request-method", " "),
+        ]);
+        assert!(matches!(
+            classify(&Method::OPTIONS, &h),
+            RequestKind::Actual { .. }
+        ));
         let h = headers(&[("access-control-request-method", "GET")]);
         assert_eq!(classify(&Method::OPTIONS, &h), RequestKind::NoOrigin);
     }

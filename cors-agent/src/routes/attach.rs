@@ -62,8 +62,10 @@ impl AttachedPolicy {
                 (None, None) => Ordering::Equal,
             })
             .then_with(|| {
-                (&self.source.resource.namespace, &self.source.resource.name)
-                    .cmp(&(&other.source.resource.namespace, &other.source.resource.name))
+                (&self.source.resource.namespace, &self.source.resource.name).cmp(&(
+                    &other.source.resource.namespace,
+                    &other.source.resource.name,
+                ))
             })
     }
 
@@ -74,7 +76,9 @@ impl AttachedPolicy {
         }
         match (&self.source.created, &loser.source.created) {
             (Some(a), Some(b)) if a != b => format!("same level, older ({a} before {b})"),
-            (Some(_), None) => "same level, has a creationTimestamp (the other counts as newest)".into(),
+            (Some(_), None) => {
+                "same level, has a creationTimestamp (the other counts as newest)".into()
+            }
             _ => "same level and age, first by namespace/name".into(),
         }
     }

@@ -99,10 +99,16 @@ pub(super) fn build(
     for (age, &i) in order.iter().enumerate() {
         let r = &res.routes[i];
         if !seen.insert(r.id.clone()) {
-            d.push(r.diagnostic(Severity::Error, "metadata.name", format!("{} is defined twice", r.id)));
+            d.push(r.diagnostic(
+                Severity::Error,
+                "metadata.name",
+                format!("{} is defined twice", r.id),
+            ));
             continue;
         }
-        compile_route(r, age, &gateways, &targeted, &mut used, options, &mut table, &mut d);
+        compile_route(
+            r, age, &gateways, &targeted, &mut used, options, &mut table, &mut d,
+        );
     }
     table.entries.sort_by(|a, b| a.precedence_cmp(b));
     table.index_entries();
@@ -155,9 +161,17 @@ fn gateway_listeners(
         for (i, l) in g.object.spec.listeners.iter().enumerate() {
             let field = format!("spec.listeners[{i}].name");
             if names.contains(&l.name) {
-                d.push(g.diagnostic(Severity::Error, &field, format!("listener name {:?} is used twice", l.name)));
+                d.push(g.diagnostic(
+                    Severity::Error,
+                    &field,
+                    format!("listener name {:?} is used twice", l.name),
+                ));
             } else if !SECTION_NAME_RE.is_match(&l.name) {
-                d.push(g.diagnostic(Severity::Error, &field, format!("{:?} is not a valid listener name", l.name)));
+                d.push(g.diagnostic(
+                    Severity::Error,
+                    &field,
+                    format!("{:?} is not a valid listener name", l.name),
+                ));
             }
             names.push(l.name.clone());
         }
@@ -165,7 +179,11 @@ fn gateway_listeners(
             .insert((g.id.namespace.clone(), g.id.name.clone()), names)
             .is_some()
         {
-            d.push(g.diagnostic(Severity::Error, "metadata.name", format!("{} is defined twice", g.id)));
+            d.push(g.diagnostic(
+                Severity::Error,
+                "metadata.name",
+                format!("{} is defined twice", g.id),
+            ));
         }
     }
     out
@@ -176,7 +194,11 @@ fn policies(res: &Resources, d: &mut Diagnostics) -> Vec<Targeted> {
     let mut seen = HashSet::new();
     for (owner, p) in res.policies.iter().enumerate() {
         if !seen.insert(p.id.clone()) {
-            d.push(p.diagnostic(Severity::Error, "metadata.name", format!("{} is defined twice", p.id)));
+            d.push(p.diagnostic(
+                Severity::Error,
+                "metadata.name",
+                format!("{} is defined twice", p.id),
+            ));
             continue;
         }
         let spec: &AgentgatewayPolicySpec = &p.object.spec;
@@ -209,7 +231,11 @@ fn policies(res: &Resources, d: &mut Diagnostics) -> Vec<Targeted> {
         };
         let refs = spec.target_refs.as_deref().unwrap_or(&[]);
         if refs.is_empty() {
-            d.push(p.diagnostic(Severity::Error, "spec.targetRefs", "required: the HTTPRoute or Gateway this policy applies to"));
+            d.push(p.diagnostic(
+                Severity::Error,
+                "spec.targetRefs",
+                "required: the HTTPRoute or Gateway this policy applies to",
+            ));
         }
         for (i, t) in refs.iter().enumerate() {
             let field = format!("spec.targetRefs[{i}]");
@@ -313,7 +339,11 @@ fn compile_route(
     let default_rules = [Default::default()];
     let rules = spec.rules.as_deref().unwrap_or(&default_rules);
     if rules.len() > MAX_RULES {
-        d.push(r.diagnostic(Severity::Error, "spec.rules", format!("{} rules, at most {MAX_RULES} are allowed", rules.len())));
+        d.push(r.diagnostic(
+            Severity::Error,
+            "spec.rules",
+            format!("{} rules, at most {MAX_RULES} are allowed", rules.len()),
+        ));
     }
     let mut rule_names = HashSet::new();
     let route_index = table.routes.len();
@@ -323,9 +353,19 @@ fn compile_route(
         let field = format!("spec.rules[{ri}]");
         if let Some(name) = &rule.name {
             if !SECTION_NAME_RE.is_match(name) || name.len() > 253 {
-                d.push(r.diagnostic(Severity::Error, &format!("{field}.name"), format!("{name:?} is not a valid rule name: lower-case letters, digits, '-' and '.'")));
+                d.push(r.diagnostic(
+                    Severity::Error,
+                    &format!("{field}.name"),
+                    format!(
+                        "{name:?} is not a valid rule name: lower-case letters, digits, '-' and '.'"
+                    ),
+                ));
             } else if !rule_names.insert(name.clone()) {
-                d.push(r.diagnostic(Severity::Error, &format!("{field}.name"), format!("rule name {name:?} is used twice")));
+                d.push(r.diagnostic(
+                    Severity::Error,
+                    &format!("{field}.name"),
+                    format!("rule name {name:?} is used twice"),
+                ));
             }
         }
 
@@ -365,7 +405,9 @@ fn compile_route(
                 Target::Route { ns, name } => {
                     *ns == r.id.namespace
                         && *name == r.id.name
-                        && t.section.as_ref().is_none_or(|s| rule.name.as_ref() == Some(s))
+                        && t.section
+                            .as_ref()
+                            .is_none_or(|s| rule.name.as_ref() == Some(s))
                 }
                 Target::Gateway { ns, name } => {
                     if gateways.is_empty() {
@@ -395,9 +437,20 @@ fn compile_route(
         let rule_index = table.rules.len() + compiled_rules.len();
         let default_matches = [HttpRouteMatch::default()];
         let matches = rule.matches.as_deref().unwrap_or(&default_matches);
-        let matches = if matches.is_empty() { &default_matches[..] } else { matches };
+        let matches = if matches.is_empty() {
+            &default_matches[..]
+        } else {
+            matches
+        };
         if matches.len() > MAX_MATCHES {
-            d.push(r.diagnostic(Severity::Error, &format!("{field}.matches"), format!("{} matches, at most {MAX_MATCHES} are allowed", matches.len())));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{field}.matches"),
+                format!(
+                    "{} matches, at most {MAX_MATCHES} are allowed",
+                    matches.len()
+                ),
+            ));
         }
         for (mi, m) in matches.iter().enumerate() {
             let mfield = format!("{field}.matches[{mi}]");
@@ -424,7 +477,10 @@ fn compile_route(
                     },
                     path: path.clone(),
                     method: method.clone(),
-                    headers: headers.iter().map(|(n, v)| (n.clone(), v.clone())).collect(),
+                    headers: headers
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect(),
                     query: query.iter().map(|(n, v)| (n.clone(), v.clone())).collect(),
                     order: (age, ri, mi),
                 });
@@ -459,7 +515,14 @@ fn compile_route(
 fn hostnames(r: &Loaded<HttpRouteSpec>, d: &mut Diagnostics) -> Vec<Option<String>> {
     let list = &r.object.spec.hostnames;
     if list.len() > MAX_HOSTNAMES {
-        d.push(r.diagnostic(Severity::Error, "spec.hostnames", format!("{} hostnames, at most {MAX_HOSTNAMES} are allowed", list.len())));
+        d.push(r.diagnostic(
+            Severity::Error,
+            "spec.hostnames",
+            format!(
+                "{} hostnames, at most {MAX_HOSTNAMES} are allowed",
+                list.len()
+            ),
+        ));
     }
     if list.is_empty() {
         return vec![None];
@@ -492,7 +555,10 @@ fn parent_gateways(
         if !is_gateway {
             continue;
         }
-        let ns = p.namespace.clone().unwrap_or_else(|| r.id.namespace.clone());
+        let ns = p
+            .namespace
+            .clone()
+            .unwrap_or_else(|| r.id.namespace.clone());
         let Some(listeners) = gateways.get(&(ns.clone(), p.name.clone())) else {
             continue;
         };
@@ -511,21 +577,38 @@ fn parent_gateways(
     out
 }
 
-fn check_backend_ref(r: &Loaded<HttpRouteSpec>, field: &str, b: &HttpBackendRef, d: &mut Diagnostics) {
+fn check_backend_ref(
+    r: &Loaded<HttpRouteSpec>,
+    field: &str,
+    b: &HttpBackendRef,
+    d: &mut Diagnostics,
+) {
     let is_service = b.group.as_deref().is_none_or(str::is_empty)
         && b.kind.as_deref().is_none_or(|k| k == "Service");
     if is_service && b.port.is_none() {
-        d.push(r.diagnostic(Severity::Error, &format!("{field}.port"), "required when referring to a Service"));
+        d.push(r.diagnostic(
+            Severity::Error,
+            &format!("{field}.port"),
+            "required when referring to a Service",
+        ));
     }
     if let Some(p) = b.port
         && !(1..=65535).contains(&p)
     {
-        d.push(r.diagnostic(Severity::Error, &format!("{field}.port"), format!("{p} is not a port (1 to 65535)")));
+        d.push(r.diagnostic(
+            Severity::Error,
+            &format!("{field}.port"),
+            format!("{p} is not a port (1 to 65535)"),
+        ));
     }
     if let Some(w) = b.weight
         && !(0..=1_000_000).contains(&w)
     {
-        d.push(r.diagnostic(Severity::Error, &format!("{field}.weight"), format!("{w} is out of range (0 to 1000000)")));
+        d.push(r.diagnostic(
+            Severity::Error,
+            &format!("{field}.weight"),
+            format!("{w} is out of range (0 to 1000000)"),
+        ));
     }
 }
 
@@ -538,25 +621,51 @@ fn filters(
     d: &mut Diagnostics,
 ) -> Option<Arc<AttachedPolicy>> {
     if filters.len() > MAX_FILTERS {
-        d.push(r.diagnostic(Severity::Error, &format!("{field}.filters"), format!("{} filters, at most {MAX_FILTERS} are allowed", filters.len())));
+        d.push(r.diagnostic(
+            Severity::Error,
+            &format!("{field}.filters"),
+            format!(
+                "{} filters, at most {MAX_FILTERS} are allowed",
+                filters.len()
+            ),
+        ));
     }
     let mut found: Option<(usize, Arc<AttachedPolicy>)> = None;
     for (i, f) in filters.iter().enumerate() {
         let ffield = format!("{field}.filters[{i}]");
         if !FILTER_TYPES.contains(&f.kind.as_str()) {
-            d.push(r.diagnostic(Severity::Error, &format!("{ffield}.type"), format!("{:?} is not one of {}", f.kind, FILTER_TYPES.join(", "))));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{ffield}.type"),
+                format!("{:?} is not one of {}", f.kind, FILTER_TYPES.join(", ")),
+            ));
             continue;
         }
         if f.kind != "CORS" {
             if f.cors.is_some() {
-                d.push(r.diagnostic(Severity::Error, &format!("{ffield}.cors"), format!("must not be set on a filter of type {}", f.kind)));
+                d.push(r.diagnostic(
+                    Severity::Error,
+                    &format!("{ffield}.cors"),
+                    format!("must not be set on a filter of type {}", f.kind),
+                ));
             } else {
-                d.push(r.diagnostic(Severity::Warning, &format!("{ffield}.type"), format!("{} filters are not applied by cors-agent, which enforces CORS only", f.kind)));
+                d.push(r.diagnostic(
+                    Severity::Warning,
+                    &format!("{ffield}.type"),
+                    format!(
+                        "{} filters are not applied by cors-agent, which enforces CORS only",
+                        f.kind
+                    ),
+                ));
             }
             continue;
         }
         let Some(cors) = &f.cors else {
-            d.push(r.diagnostic(Severity::Error, &format!("{ffield}.cors"), "required when type is CORS"));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{ffield}.cors"),
+                "required when type is CORS",
+            ));
             continue;
         };
         if let Some((first, _)) = &found {
@@ -592,8 +701,16 @@ fn compile_match(
     d: &mut Diagnostics,
 ) -> Option<CompiledMatch> {
     let errors_before = d.errors.len();
-    let kind = m.path.as_ref().and_then(|p| p.kind.as_deref()).unwrap_or("PathPrefix");
-    let value = m.path.as_ref().and_then(|p| p.value.as_deref()).unwrap_or("/");
+    let kind = m
+        .path
+        .as_ref()
+        .and_then(|p| p.kind.as_deref())
+        .unwrap_or("PathPrefix");
+    let value = m
+        .path
+        .as_ref()
+        .and_then(|p| p.value.as_deref())
+        .unwrap_or("/");
     let pfield = format!("{field}.path.value");
     let path = match kind {
         "Exact" | "PathPrefix" => {
@@ -609,22 +726,36 @@ fn compile_match(
         "RegularExpression" => match anchored(value) {
             Ok(re) => PathMatch::Regex(re),
             Err(e) => {
-                d.push(r.diagnostic(Severity::Error, &pfield, format!("not a valid regular expression: {e}")));
+                d.push(r.diagnostic(
+                    Severity::Error,
+                    &pfield,
+                    format!("not a valid regular expression: {e}"),
+                ));
                 PathMatch::Exact(String::new())
             }
         },
         other => {
-            d.push(r.diagnostic(Severity::Error, &format!("{field}.path.type"), format!("{other:?} is not one of Exact, PathPrefix, RegularExpression")));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{field}.path.type"),
+                format!("{other:?} is not one of Exact, PathPrefix, RegularExpression"),
+            ));
             PathMatch::Exact(String::new())
         }
     };
 
     let method = m.method.as_deref().and_then(|s| {
-        const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+        const METHODS: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ];
         if METHODS.contains(&s) {
             Method::from_bytes(s.as_bytes()).ok()
         } else {
-            d.push(r.diagnostic(Severity::Error, &format!("{field}.method"), format!("{s:?} is not one of {}", METHODS.join(" "))));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{field}.method"),
+                format!("{s:?} is not one of {}", METHODS.join(" ")),
+            ));
             None
         }
     });
@@ -651,17 +782,32 @@ fn value_matches<N: PartialEq>(
     name: impl Fn(&str) -> Option<N>,
 ) -> Vec<(N, ValueMatch)> {
     if list.len() > MAX_VALUE_MATCHES {
-        d.push(r.diagnostic(Severity::Error, field, format!("{} entries, at most {MAX_VALUE_MATCHES} are allowed", list.len())));
+        d.push(r.diagnostic(
+            Severity::Error,
+            field,
+            format!(
+                "{} entries, at most {MAX_VALUE_MATCHES} are allowed",
+                list.len()
+            ),
+        ));
     }
     let mut out: Vec<(N, ValueMatch)> = Vec::new();
     for (i, h) in list.iter().enumerate() {
         let ifield = format!("{field}[{i}]");
         let Some(n) = name(&h.name) else {
-            d.push(r.diagnostic(Severity::Error, &format!("{ifield}.name"), format!("{:?} is not a valid name", h.name)));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{ifield}.name"),
+                format!("{:?} is not a valid name", h.name),
+            ));
             continue;
         };
         if out.iter().any(|(m, _)| *m == n) {
-            d.push(r.diagnostic(Severity::Error, &format!("{ifield}.name"), format!("{:?} is matched twice", h.name)));
+            d.push(r.diagnostic(
+                Severity::Error,
+                &format!("{ifield}.name"),
+                format!("{:?} is matched twice", h.name),
+            ));
             continue;
         }
         let v = match h.kind.as_deref().unwrap_or("Exact") {
@@ -669,12 +815,20 @@ fn value_matches<N: PartialEq>(
             "RegularExpression" => match anchored(&h.value) {
                 Ok(re) => ValueMatch::Regex(re),
                 Err(e) => {
-                    d.push(r.diagnostic(Severity::Error, &format!("{ifield}.value"), format!("not a valid regular expression: {e}")));
+                    d.push(r.diagnostic(
+                        Severity::Error,
+                        &format!("{ifield}.value"),
+                        format!("not a valid regular expression: {e}"),
+                    ));
                     continue;
                 }
             },
             other => {
-                d.push(r.diagnostic(Severity::Error, &format!("{ifield}.type"), format!("{other:?} is not one of Exact, RegularExpression")));
+                d.push(r.diagnostic(
+                    Severity::Error,
+                    &format!("{ifield}.type"),
+                    format!("{other:?} is not one of Exact, RegularExpression"),
+                ));
                 continue;
             }
         };
@@ -698,7 +852,12 @@ fn bad_path(p: &str) -> Option<&'static str> {
     if p.len() > 1024 {
         return Some("is longer than 1024 characters");
     }
-    if p.contains("//") || p.contains("/./") || p.contains("/../") || p.ends_with("/..") || p.ends_with("/.") {
+    if p.contains("//")
+        || p.contains("/./")
+        || p.contains("/../")
+        || p.ends_with("/..")
+        || p.ends_with("/.")
+    {
         return Some("must not contain \"//\", \"/./\" or \"/../\" or end in \"/.\" or \"/..\"");
     }
     if p.contains('#') || p.to_ascii_lowercase().contains("%2f") {

@@ -5,9 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::matching::{Entry, HostMatch, PathMatch};
-
-/// Hostnames are at most 253 characters; a longer one cannot match an exact hostname.
-const MAX_HOST_LEN: usize = 253;
+use crate::cors::origin::{MAX_HOST_LEN, lowercase};
 
 #[derive(Debug, Default)]
 pub(super) struct EntryIndex {
@@ -38,7 +36,10 @@ impl SegmentLists {
                 .collect()
         };
         Self {
-            by_segment: segments.iter().map(|&s| (Box::from(s), list(Some(s)))).collect(),
+            by_segment: segments
+                .iter()
+                .map(|&s| (Box::from(s), list(Some(s))))
+                .collect(),
             rest: list(None),
         }
     }
@@ -86,7 +87,12 @@ impl EntryIndex {
         Self {
             by_host: hosts
                 .into_iter()
-                .map(|h| (Box::from(h), SegmentLists::build(entries, &for_host(Some(h)))))
+                .map(|h| {
+                    (
+                        Box::from(h),
+                        SegmentLists::build(entries, &for_host(Some(h))),
+                    )
+                })
                 .collect(),
             other_hosts: SegmentLists::build(entries, &for_host(None)),
         }
@@ -99,11 +105,4 @@ impl EntryIndex {
             .unwrap_or(&self.other_hosts)
             .get(path)
     }
-}
-
-fn lowercase<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
-    let out = buf.get_mut(..host.len())?;
-    out.copy_from_slice(host.as_bytes());
-    out.make_ascii_lowercase();
-    std::str::from_utf8(out).ok()
 }

@@ -4,6 +4,7 @@ use http::{HeaderName, Method};
 use regex::Regex;
 
 use super::RouteQuery;
+use crate::cors::origin::under_suffix;
 
 #[derive(Debug)]
 pub(super) enum HostMatch {
@@ -19,11 +20,7 @@ impl HostMatch {
         match self {
             Self::Any => true,
             Self::Exact(h) => host.eq_ignore_ascii_case(h),
-            Self::Subdomains(suffix) => {
-                host.len() > suffix.len()
-                    && host.is_char_boundary(host.len() - suffix.len())
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-            }
+            Self::Subdomains(suffix) => under_suffix(host, suffix),
         }
     }
 
