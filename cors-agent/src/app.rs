@@ -174,6 +174,9 @@ async fn serve(
     snapshot: crate::proxy::Snapshot,
     resolver: Option<Arc<SniResolver>>,
 ) -> anyhow::Result<()> {
+    // Before anything is bound: a SIGTERM that arrives once the port is open must drain, not
+    // kill the process.
+    let shutdown = shutdown_signal()?;
     let shared = Shared::new(snapshot, args.limits(), Arc::new(TcpConnect));
     let acceptor = resolver.as_ref().map(|r| r.acceptor()).transpose()?;
 
@@ -223,7 +226,7 @@ async fn serve(
         "cors-agent proxy listening"
     );
 
-    wait_for_shutdown().await?;
+    shutdown.await;
     info!(grace = ?args.drain_timeout, "draining");
     shared.start_draining();
     let _ = accept.await;
@@ -259,21 +262,23 @@ fn spawn_sighup(_: mpsc::Sender<()>, _: Option<mpsc::Sender<()>>) -> anyhow::Res
     Ok(())
 }
 
+/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
 #[cfg(unix)]
-async fn wait_for_shutdown() -> anyhow::Result<()> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
+    })
 }
 
 #[cfg(not(unix))]
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -180,7 +180,10 @@ async fn admin_serves_health_metrics_and_the_configuration() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = String::from_utf8_lossy(&admin_get(&agent, "/metrics").await.body).into_owned();
-        if text.contains(r#"cors_agent_upstream_errors_total{kind="connect"} 1"#) {
+        // "protocol" when the pooled connection died under the request, "connect" after.
+        if text.contains(r#"cors_agent_upstream_errors_total{kind="connect"} 1"#)
+            || text.contains(r#"cors_agent_upstream_errors_total{kind="protocol"} 1"#)
+        {
             break;
         }
         assert!(

@@ -109,6 +109,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _open = OpenConnection::new(&shared);
+    debug!(peer = %ctx.peer, local = %ctx.local, upstream = %ctx.upstream, tls = ctx.tls.is_some(), "connection");
     let state = Arc::new(ConnState {
         peer: ctx.peer,
         upstream: ctx.upstream,
