@@ -154,3 +154,46 @@ fn a_key_that_does_not_match_its_certificate_stops_the_start() {
     assert_eq!(status.code(), Some(2), "log:\n{log}");
     assert!(log.contains("does not belong to"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_files_beside_the_configuration_do_not_cause_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(Reply::default()).await;
+    let file = write_resources(dir.path(), "routes.yaml", APP_ROUTE);
+    let agent = AgentBuilder::new(backend.addr, &file)
+        .admin()
+        .spawn()
+        .unwrap();
+    // A log file in the same folder, written all the time.
+    let neighbour = dir.path().join("app.log");
+    for i in 0..10 {
+        std::fs::write(&neighbour, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Absence cannot be polled for: wait out the debounce (250 ms) twice.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        config_dump(&agent).await["generation"],
+        1,
+        "log:\n{}",
+        agent.log()
+    );
+
+    // The configuration file itself still counts, exactly once per change.
+    write_atomically(&file, APP_ROUTE);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while config_dump(&agent).await["generation"] != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reload; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        config_dump(&agent).await["generation"],
+        2,
+        "a reload caused another"
+    );
+}

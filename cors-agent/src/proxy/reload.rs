@@ -74,21 +74,24 @@ pub async fn run(source: ConfigSource, shared: Arc<Shared>, mut triggers: mpsc::
 /// Watches `paths` (files or folders) and sends one `()` on `tx` per burst of changes.
 ///
 /// Files are watched through their folder: editors and Kubernetes ConfigMap mounts replace
-/// files by renaming, which a watch on the file itself would miss. Any change in a watched
-/// folder triggers a reload; reloading an unchanged configuration is harmless.
+/// files by renaming, which a watch on the file itself would miss. Only events about the
+/// watched files themselves, YAML files in a watched folder, or a ConfigMap mount's `..data`
+/// swap count: the folder may hold other busy files (the agent's own log, say), and each
+/// reload must not cause the next.
 pub fn watch_paths(paths: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
+    let targets = Targets::new(paths);
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let filter = targets.clone();
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(e) if is_change(&e.kind) => {
+            Ok(e) if is_change(&e.kind) && e.paths.iter().any(|p| filter.concerns(p)) => {
                 let _ = raw_tx.send(());
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "file watch error"),
         })?;
-    let dirs: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
-    for dir in &dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    for dir in targets.folders() {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     }
     tokio::spawn(async move {
         while raw_rx.recv().await.is_some() {
@@ -102,13 +105,54 @@ pub fn watch_paths(paths: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<Re
     Ok(watcher)
 }
 
-fn folder_of(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        return path.to_path_buf();
+/// What a watch is about, as absolute paths (notify reports paths under the watched folder).
+#[derive(Clone, Debug)]
+struct Targets {
+    files: BTreeSet<PathBuf>,
+    folders: BTreeSet<PathBuf>,
+}
+
+impl Targets {
+    fn new(paths: &[PathBuf]) -> Self {
+        let mut files = BTreeSet::new();
+        let mut folders = BTreeSet::new();
+        for p in paths {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            if p.is_dir() {
+                folders.insert(p);
+            } else {
+                files.insert(p);
+            }
+        }
+        Self { files, folders }
     }
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+
+    /// Folders to watch: the given ones and the parents of the given files.
+    fn folders(&self) -> BTreeSet<PathBuf> {
+        let parents = self
+            .files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf));
+        self.folders.iter().cloned().chain(parents).collect()
+    }
+
+    fn concerns(&self, path: &Path) -> bool {
+        if self.files.contains(path) {
+            return true;
+        }
+        let Some(parent) = path.parent() else {
+            return false;
+        };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // Kubernetes swaps a ConfigMap or Secret mount by renaming `..data`.
+        let mount_swap = name.starts_with("..");
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        let in_folder = self.folders.contains(parent);
+        let beside_a_file = self.files.iter().any(|f| f.parent() == Some(parent));
+        (mount_swap && (in_folder || beside_a_file)) || (yaml && in_folder)
     }
 }
 
@@ -119,5 +163,33 @@ fn is_change(kind: &EventKind) -> bool {
         EventKind::Access(_) | EventKind::Other | EventKind::Any => false,
         EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
         EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_watched_files_and_yaml_in_watched_folders_count() {
+        let dir = std::env::temp_dir().join(format!("cors-agent-watch-{}", std::process::id()));
+        let sub = dir.join("routes");
+        std::fs::create_dir_all(&sub).unwrap();
+        let file = dir.join("a.yaml");
+        let t = Targets::new(&[file.clone(), sub.clone()]);
+        assert!(t.concerns(&file));
+        assert!(!t.concerns(&dir.join("agent.log")), "a busy neighbour");
+        assert!(
+            !t.concerns(&dir.join("b.yaml")),
+            "YAML beside a file is not watched"
+        );
+        assert!(
+            t.concerns(&dir.join("..data")),
+            "ConfigMap swap beside a file"
+        );
+        assert!(t.concerns(&sub.join("c.yml")));
+        assert!(!t.concerns(&sub.join("c.yaml.swp")));
+        assert_eq!(t.folders(), BTreeSet::from([dir.clone(), sub.clone()]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
