@@ -298,3 +298,24 @@ async fn connect_is_not_forwarded() {
     assert!(backend.requests().is_empty());
     still_serving(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_is_forwarded_as_an_ordinary_request() {
+    let backend = Backend::start(Reply::default()).await;
+    let (agent, _dir) = start(&backend, &[]).await;
+    let req = allowed("/smuggle")
+        .header("Connection", "Upgrade, HTTP2-Settings")
+        .header("Upgrade", "h2c")
+        .header("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA");
+    let reply = client::http1(agent.addr(), &req).await.unwrap();
+    assert_eq!(reply.status, 200, "not switched: {reply:?}");
+    assert_eq!(reply.header("access-control-allow-origin"), Some(ORIGIN));
+    let seen = backend.take_requests();
+    assert_eq!(seen.len(), 1);
+    for gone in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            !seen[0].headers.contains_key(gone),
+            "{gone} reached the app"
+        );
+    }
+}

@@ -16,11 +16,16 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+///
+/// Never `h2c`: requests inside an upgraded HTTP/2 connection would reach the app without
+/// passing through the pipeline, and so without its CORS policy ("h2c smuggling"). Such a
+/// request is forwarded as an ordinary one, its `Upgrade` header dropped.
 pub(super) fn is_upgrade(version: Version, method: &Method, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
         && method != Method::CONNECT
         && headers.contains_key(UPGRADE)
         && has_token(headers, CONNECTION, "upgrade")
+        && !has_token(headers, UPGRADE, "h2c")
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -163,14 +168,15 @@ mod tests {
             ("authorization", "Bearer x"),
         ]);
         strip(&mut h, false);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
         assert_eq!(
             left,
             [
-                "origin",
                 "access-control-request-method",
+                "authorization",
                 "cookie",
-                "authorization"
+                "origin",
             ]
         );
     }
@@ -188,6 +194,18 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert!(!is_upgrade(Version::HTTP_2, &Method::GET, &h));
+    }
+
+    #[test]
+    fn h2c_upgrades_are_not_passed_on() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(!is_upgrade(Version::HTTP_11, &Method::GET, &h));
+        strip(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
