@@ -319,3 +319,50 @@ async fn an_h2c_upgrade_is_forwarded_as_an_ordinary_request() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_does_not_accept_in_time_gets_504_with_cors_headers() {
+    // A listener that never accepts, its queue already full: new connects hang (Linux drops
+    // the SYN), which is what a stuck app looks like from the agent.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = socket.listen(0).unwrap();
+    let addr = stuck.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let probe = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    assert!(
+        probe.is_err(),
+        "the queue is not full: connects still succeed"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentBuilder::new(addr, write_resources(dir.path(), "r.yaml", APP_ROUTE))
+        .arg("--upstream-connect-timeout")
+        .arg("300ms")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let reply = client::http1(agent.addr(), &allowed("/x")).await.unwrap();
+    assert_eq!(reply.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.header("access-control-allow-origin"), Some(ORIGIN));
+    drop(stuck);
+}

@@ -223,6 +223,10 @@ pub async fn serve_listener(
     if *drain.borrow_and_update() {
         return;
     }
+    let Ok(listen_addr) = listener.local_addr() else {
+        warn!("the listener has no local address; not serving it");
+        return;
+    };
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -243,7 +247,8 @@ pub async fn serve_listener(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(upstream);
+        // The listener's address, or the concrete one when it is a wildcard.
+        let local = stream.local_addr().unwrap_or(listen_addr);
         let ctx = ConnContext {
             peer,
             local,
