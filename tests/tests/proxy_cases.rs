@@ -1,9 +1,12 @@
 //! Every behaviour case, replayed on the wire through the real agent over HTTP/1.1, h2c and h2
-//! over TLS, against a recording backend that answers as the case file says.
+//! over TLS, against a recording backend that answers as the case file says. Each protocol
+//! must also give the same status and CORS headers as HTTP/1.1 did.
+
+use std::collections::BTreeMap;
 
 use cors_agent_tests::agent::{Agent, AgentBuilder};
 use cors_agent_tests::backend::{Backend, Reply};
-use cors_agent_tests::cases::{self, CaseFile};
+use cors_agent_tests::cases;
 use cors_agent_tests::certs::TestCa;
 use cors_agent_tests::client::{self, Proto, Req};
 
@@ -47,17 +50,34 @@ async fn every_behaviour_case_holds_over_http1_h2c_and_h2_over_tls() {
         };
         let plain = start(false);
         let secure = start(true);
+        // What HTTP/1.1 answered, per case: HTTP/2 must give the same status and CORS headers.
+        let mut over_http1 = Vec::new();
         for proto in [Proto::Http1, Proto::H2c, Proto::H2Tls] {
             let agent = if proto == Proto::H2Tls {
                 &secure
             } else {
                 &plain
             };
-            for case in &file.cases {
+            for (i, case) in file.cases.iter().enumerate() {
                 replayed += 1;
-                let outcome = replay(&file, case, proto, agent, &backend, &tls_client).await;
-                if let Err(e) = outcome {
-                    failures.push(format!("{} / {} / {proto}: {e}", file.name, case.name));
+                match replay(case, proto, agent, &backend, &tls_client).await {
+                    Ok(answer) if proto == Proto::Http1 => over_http1.push(answer),
+                    Ok(answer) => {
+                        if over_http1.get(i) != Some(&answer) {
+                            failures.push(format!(
+                                "{} / {} / {proto}: answered {answer:?}, HTTP/1.1 answered {:?}",
+                                file.name,
+                                case.name,
+                                over_http1.get(i)
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        if proto == Proto::Http1 {
+                            over_http1.push(Answer::default());
+                        }
+                        failures.push(format!("{} / {} / {proto}: {e}", file.name, case.name));
+                    }
                 }
             }
         }
@@ -71,14 +91,37 @@ async fn every_behaviour_case_holds_over_http1_h2c_and_h2_over_tls() {
     );
 }
 
+/// The parts of a reply that must not depend on the protocol.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    /// `access-control-*` and `vary`, lower-case names, values in order.
+    cors: BTreeMap<String, Vec<String>>,
+}
+
+fn answer(reply: &client::Reply) -> Answer {
+    let mut cors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &reply.headers {
+        let name = name.as_str();
+        if name.starts_with("access-control-") || name == "vary" {
+            cors.entry(name.to_string())
+                .or_default()
+                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        }
+    }
+    Answer {
+        status: reply.status,
+        cors,
+    }
+}
+
 async fn replay(
-    _file: &CaseFile,
     case: &cases::Case,
     proto: Proto,
     agent: &Agent,
     backend: &Backend,
     tls: &std::sync::Arc<rustls::ClientConfig>,
-) -> Result<(), String> {
+) -> Result<Answer, String> {
     let r = &case.request;
     let req = Req {
         method: r.method.clone(),
@@ -104,7 +147,7 @@ async fn replay(
     if reply.status == 204 && reply.headers.contains_key("content-length") {
         return Err("content-length on a 204".into());
     }
-    Ok(())
+    Ok(answer(&reply))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
