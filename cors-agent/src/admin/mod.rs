@@ -21,8 +21,31 @@ use crate::cors::{AllowList, AllowOrigins, CorsPolicy};
 use crate::proxy::{Shared, Snapshot};
 use crate::routes::AttachedPolicy;
 
+/// What the admin endpoints report on: one proxy's [`Shared`] state, or a node's pods.
+pub trait AdminView: Send + Sync + 'static {
+    fn is_draining(&self) -> bool;
+    /// The Prometheus text exposition.
+    fn metrics_text(&self) -> String;
+    /// The `/config_dump` document.
+    fn dump(&self) -> Value;
+}
+
+impl AdminView for Shared {
+    fn is_draining(&self) -> bool {
+        Shared::is_draining(self)
+    }
+
+    fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn dump(&self) -> Value {
+        config_dump(&self.snapshot(), self.last_reload_error())
+    }
+}
+
 /// Serves the admin endpoints until the process exits.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve<V: AdminView + ?Sized>(listener: TcpListener, shared: Arc<V>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
@@ -36,7 +59,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             TokioIo::new(stream),
             service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+                async move { Ok::<_, Infallible>(route(&req, &*shared)) }
             }),
         );
         tokio::spawn(async move {
@@ -47,7 +70,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+fn route<V: AdminView + ?Sized>(req: &Request<Incoming>, shared: &V) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -58,10 +81,10 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
+            shared.metrics_text(),
         ),
         "/config_dump" => {
-            let dump = config_dump(&shared.snapshot(), shared.last_reload_error());
+            let dump = shared.dump();
             let body = serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into());
             respond(StatusCode::OK, "application/json", body + "\n")
         }

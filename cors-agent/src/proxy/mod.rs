@@ -42,7 +42,11 @@ pub struct Shared {
     config: ArcSwap<Snapshot>,
     pub upstream: UpstreamClient,
     pub limits: Limits,
-    pub metrics: Metrics,
+    /// Node mode gives every pod port its own `Shared` but one `Metrics`, so `/metrics` is one
+    /// registry.
+    pub metrics: Arc<Metrics>,
+    /// The pod this state serves (node mode): a label on request metrics and access logs.
+    pub pod: Option<Arc<str>>,
     http: auto::Builder<TokioExecutor>,
     /// `true` once the agent is draining. Every connection holds a receiver, so
     /// [`Shared::drained`] resolves when the last one is gone.
@@ -52,15 +56,33 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(snapshot: Snapshot, limits: Limits, connect: Arc<dyn Connect>) -> Arc<Self> {
+        Self::with_metrics(
+            Arc::new(snapshot),
+            limits,
+            connect,
+            Arc::new(Metrics::new()),
+            None,
+        )
+    }
+
+    /// Like [`Shared::new`], reporting into `metrics` (shared with other `Shared`s) under the
+    /// label `pod`.
+    pub fn with_metrics(
+        snapshot: Arc<Snapshot>,
+        limits: Limits,
+        connect: Arc<dyn Connect>,
+        metrics: Arc<Metrics>,
+        pod: Option<Arc<str>>,
+    ) -> Arc<Self> {
         let upstream = UpstreamClient::new(connect, &limits);
-        let metrics = Metrics::new();
         metrics.config_served(snapshot.generation);
         Arc::new(Self {
-            config: ArcSwap::from_pointee(snapshot),
+            config: ArcSwap::new(snapshot),
             upstream,
             http: limits.http_builder(),
             limits,
             metrics,
+            pod,
             drain: watch::Sender::new(false),
             last_reload_error: Mutex::new(None),
         })
@@ -74,8 +96,14 @@ impl Shared {
     /// Serves `snapshot` from the next request on; requests in flight keep theirs.
     pub fn install(&self, snapshot: Snapshot) {
         self.metrics.config_reloaded(true, snapshot.generation);
-        self.config.store(Arc::new(snapshot));
+        self.swap(Arc::new(snapshot));
         self.set_reload_error(None);
+    }
+
+    /// Serves `snapshot` from the next request on, without counting a reload: node mode
+    /// installs one snapshot in many `Shared`s and counts the reload once.
+    pub fn swap(&self, snapshot: Arc<Snapshot>) {
+        self.config.store(snapshot);
     }
 
     pub fn set_reload_error(&self, error: Option<String>) {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,8 +24,23 @@ use crate::cors::Outcome;
 use super::server::InFlight;
 use super::{Labels, Shared};
 
+/// `pod="name"` in node mode; nothing at all in proxy mode, so proxy series keep their labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PodLabel(Option<Arc<str>>);
+
+impl EncodeLabelSet for PodLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(pod) => [("pod", &**pod)].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
+    #[prometheus(flatten)]
+    pod: PodLabel,
     route: Arc<str>,
     cors: &'static str,
     code: u16,
@@ -33,11 +48,15 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
+    #[prometheus(flatten)]
+    pod: PodLabel,
     route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
+    #[prometheus(flatten)]
+    pod: PodLabel,
     kind: &'static str,
 }
 
@@ -153,6 +172,12 @@ impl Metrics {
         }
     }
 
+    /// Where node mode registers its own metrics, so one exposition holds them all. Only
+    /// possible before the `Metrics` is shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The Prometheus text exposition (OpenMetrics flavour).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -184,9 +209,12 @@ impl Metrics {
             .inc();
     }
 
-    pub(super) fn upstream_error(&self, kind: &'static str) {
+    pub(super) fn upstream_error(&self, pod: Option<&Arc<str>>, kind: &'static str) {
         self.upstream_errors
-            .get_or_create(&KindLabel { kind })
+            .get_or_create(&KindLabel {
+                pod: PodLabel(pod.cloned()),
+                kind,
+            })
             .inc();
     }
 
@@ -203,10 +231,11 @@ impl Metrics {
         self.connections_open.dec();
     }
 
-    fn request_done(&self, r: &Record, status: u16, seconds: f64) {
+    fn request_done(&self, pod: Option<&Arc<str>>, r: &Record, status: u16, seconds: f64) {
         let outcome = r.outcome.as_str();
         self.requests
             .get_or_create(&RequestLabels {
+                pod: PodLabel(pod.cloned()),
                 route: r.labels.route.clone(),
                 cors: outcome,
                 code: status,
@@ -223,6 +252,7 @@ impl Metrics {
         }
         self.duration
             .get_or_create(&RouteLabel {
+                pod: PodLabel(pod.cloned()),
                 route: r.labels.route.clone(),
             })
             .observe(seconds);
@@ -335,9 +365,12 @@ impl Drop for Report {
     fn drop(&mut self) {
         let r = &self.record;
         let elapsed = r.started.elapsed();
-        self.shared
-            .metrics
-            .request_done(r, self.status, elapsed.as_secs_f64());
+        self.shared.metrics.request_done(
+            self.shared.pod.as_ref(),
+            r,
+            self.status,
+            elapsed.as_secs_f64(),
+        );
         let host = r
             .host
             .as_ref()
@@ -347,6 +380,7 @@ impl Drop for Report {
         tracing::info!(
             target: "cors_agent::access",
             peer = %self.peer,
+            pod = self.shared.pod.as_deref(),
             proto = ?r.version,
             method = %r.method,
             host,

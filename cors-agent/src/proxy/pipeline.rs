@@ -91,7 +91,7 @@ pub(super) async fn handle(
         }
         Err(err) => {
             if let Some(kind) = err.upstream_kind() {
-                shared.metrics.upstream_error(kind);
+                shared.metrics.upstream_error(shared.pod.as_ref(), kind);
             }
             let message = chain(&err);
             debug!(peer = %conn.peer, error = %message, "answered by the agent");
