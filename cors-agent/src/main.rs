@@ -22,6 +22,8 @@ enum Command {
     Validate(cli::validate::ValidateArgs),
     Explain(cli::explain::ExplainArgs),
     Proxy(cors_agent::app::ProxyArgs),
+    #[cfg(target_os = "linux")]
+    Node(cors_agent::node::NodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,5 +32,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => cli::validate::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
         Command::Proxy(args) => cors_agent::app::run_proxy(args),
+        #[cfg(target_os = "linux")]
+        Command::Node(args) => cors_agent::node::run(args),
     }
 }

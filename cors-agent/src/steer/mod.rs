@@ -29,8 +29,10 @@ mod error;
 mod netns;
 mod pod;
 
+pub(crate) use ebpf::check_environment;
 pub use error::{Result, SteerError};
 pub use netns::{NetNs, NetnsWorker, in_netns};
+pub(crate) use pod::pin_dir_name;
 pub use pod::{
     DEFAULT_PIN_ROOT, FailMode, PodSteering, SteerListener, SteerOptions, SteeredConn, Upstream,
 };

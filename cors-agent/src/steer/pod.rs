@@ -554,7 +554,7 @@ fn validate_ports(ports: &[u16]) -> Result<BTreeSet<u16>, String> {
 /// so everything but ASCII alphanumerics and `-` becomes `_`. Kubernetes
 /// names (`namespace/name`) never contain `_` and namespaces never contain
 /// `.`, so two pods cannot collide.
-fn pin_dir_name(pod: &str) -> Option<String> {
+pub(crate) fn pin_dir_name(pod: &str) -> Option<String> {
     let name: String = pod
         .chars()
         .map(|c| {

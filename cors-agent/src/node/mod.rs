@@ -1,0 +1,246 @@
+//! Node mode: one agent per node enforces CORS for the enrolled pods' app ports. The
+//! steering layer (`steer/`) hands it each pod's connections; from there every connection
+//! goes through the same pipeline as in proxy mode (`proxy::serve_connection`), and requests
+//! are forwarded from inside the pod's namespace to the original destination.
+//!
+//! - `config`: `node.yaml`, validated with field paths.
+//! - `routes`: one route table per `service:`, from one read of the resources.
+//! - `pods`: per pod, steering + accept loop + one proxy `Shared` per port.
+//! - `state`: the set of pods, reloads, shutdown, the admin view.
+//! - `metrics`: node-only metrics, in the proxy's registry.
+#![cfg(target_os = "linux")]
+
+mod config;
+mod metrics;
+mod pods;
+mod routes;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::RecommendedWatcher;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::admin;
+use crate::cli::EXIT_INVALID;
+use crate::proxy::reload::watch_paths;
+use crate::proxy::{Limits, Metrics, parse_duration};
+use crate::steer::{SteerOptions, check_environment};
+
+use config::NodeConfig;
+use metrics::NodeMetrics;
+use pods::Settings;
+use routes::RouteSet;
+use state::{Node, NodeAdmin};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Run the agent for the pods of this node (eBPF steering; Linux 5.9+, root)",
+    after_help = "Examples:\n  cors-agent node --config /etc/cors-agent/node.yaml\n  cors-agent node --config node.yaml --admin 127.0.0.1:15000\n\nThe config file lists the resources (as -f does), the fail mode and the pods with their ports;\nsee examples/node.yaml. The agent is ready when it logs \"cors-agent node ready\". Invalid\nconfiguration: exit 2 before anything is attached; missing capabilities (CAP_BPF,\nCAP_NET_ADMIN, CAP_SYS_ADMIN) or a kernel without sk_lookup: exit 1. Editing the file or a\nresource (or SIGHUP) reloads: pods are attached, updated and detached at run time; an invalid\nchange is refused and the last good configuration stays. SIGTERM stops accepting, drains\nin-flight requests and exits 0: fail-open pods are detached (traffic reaches the apps\ndirectly), fail-closed pods stay pinned (steered ports refuse connections until an agent is\nback)."
+)]
+pub struct NodeArgs {
+    /// The node configuration (YAML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Serve /healthz, /readyz, /metrics and /config_dump here.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Largest request line plus headers, in bytes; larger requests get 431.
+    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
+    pub max_request_headers: usize,
+    /// Time a client has to send a request head (and finish a TLS handshake).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+    /// Close client connections with no request in flight for this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Time to open a connection to the app (then 504).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_connect_timeout: Duration,
+    /// Time the app has to send its response head (then 504). Bodies may stream longer.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_response_timeout: Duration,
+    /// How long in-flight requests may take when the agent stops (SIGTERM) or a pod or port
+    /// is removed, before their connections are closed anyway.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+}
+
+impl NodeArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_request_header_bytes: self.max_request_headers,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_response_timeout: self.upstream_response_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+pub fn run(args: NodeArgs) -> ExitCode {
+    crate::app::init_tracing();
+
+    // Everything that can be wrong with the input is checked before anything is attached.
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(diags) => {
+            eprint!("{diags}");
+            eprintln!("invalid: {} error(s); not starting", diags.errors.len());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let routes = match RouteSet::load(&config, 1) {
+        Ok((routes, diags)) => {
+            for w in &diags.warnings {
+                warn!("{w}");
+            }
+            routes
+        }
+        Err(diags) => {
+            eprint!("{diags}");
+            eprintln!("invalid: {} error(s); not starting", diags.errors.len());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    // Then whether this host can steer at all, also with no pod enrolled yet: better now
+    // than at the first reload that adds one.
+    let first = config
+        .pods
+        .first()
+        .map_or("(none yet)", |p| p.name.as_str());
+    if let Err(e) = check_environment(first) {
+        eprintln!("error: cannot steer connections on this host: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args, config, routes)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: NodeArgs, config: NodeConfig, routes: RouteSet) -> anyhow::Result<()> {
+    // Before anything is attached: a SIGTERM during start-up must drain, not kill.
+    let shutdown = crate::app::shutdown_signal()?;
+    tokio::pin!(shutdown);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+
+    let mut metrics = Metrics::new();
+    let node_metrics = NodeMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let admin_view = Arc::new(NodeAdmin::new(metrics.clone()));
+    let admin_listener = match args.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve admin on {addr}"))?,
+        ),
+        None => None,
+    };
+    let settings = Settings {
+        limits: args.limits(),
+        metrics,
+        node_metrics,
+        steer: SteerOptions {
+            fail_mode: config.fail_mode,
+            pin_root: config.pin_dir.clone(),
+        },
+    };
+    let mut node = Node::start(config, routes, settings, admin_view.clone()).await?;
+
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
+    let mut watch = FileWatch::new(node.config(), reload_tx)?;
+    if let Some(listener) = admin_listener {
+        info!(addr = %listener.local_addr()?, "admin listening");
+        tokio::spawn(admin::serve(listener, admin_view.clone()));
+    }
+    info!(
+        config = %node.config().path.display(),
+        pods = node.pod_count(),
+        "cors-agent node ready"
+    );
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = reload_rx.recv() => {
+                // Triggers queued while a reload ran need only one more.
+                while reload_rx.try_recv().is_ok() {}
+                node.reload().await;
+                watch.follow(node.config());
+            }
+            Some(()) = hup.recv() => {
+                info!("SIGHUP: reloading");
+                node.reload_certificates();
+                node.reload().await;
+                watch.follow(node.config());
+            }
+        }
+    }
+    info!(grace = ?args.drain_timeout, "draining");
+    admin_view.start_draining();
+    node.shutdown(args.drain_timeout).await;
+    Ok(())
+}
+
+/// Watches the config file and the resources it lists; follows changes to that list.
+struct FileWatch {
+    paths: Vec<PathBuf>,
+    tx: mpsc::Sender<()>,
+    _watcher: RecommendedWatcher,
+}
+
+impl FileWatch {
+    fn new(config: &NodeConfig, tx: mpsc::Sender<()>) -> anyhow::Result<Self> {
+        let paths = Self::paths_of(config);
+        let watcher =
+            watch_paths(&paths, tx.clone()).with_context(|| format!("cannot watch {paths:?}"))?;
+        Ok(Self {
+            paths,
+            tx,
+            _watcher: watcher,
+        })
+    }
+
+    fn paths_of(config: &NodeConfig) -> Vec<PathBuf> {
+        std::iter::once(config.path.clone())
+            .chain(config.resources.iter().cloned())
+            .collect()
+    }
+
+    /// Watches the new list when it changed. On error the old watch stays (SIGHUP still
+    /// reloads), rather than stopping the agent.
+    fn follow(&mut self, config: &NodeConfig) {
+        if Self::paths_of(config) == self.paths {
+            return;
+        }
+        match Self::new(config, self.tx.clone()) {
+            Ok(watch) => *self = watch,
+            Err(e) => error!("{e:#}; changes to these files need a SIGHUP"),
+        }
+    }
+}
