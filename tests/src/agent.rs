@@ -300,7 +300,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
 }
 
 /// The address after `key` on the first log line containing `marker`.
-fn logged_addr(log: &str, marker: &str, key: &str) -> Option<SocketAddr> {
+pub fn logged_addr(log: &str, marker: &str, key: &str) -> Option<SocketAddr> {
     let line = BufReader::new(log.as_bytes())
         .lines()
         .map_while(Result::ok)

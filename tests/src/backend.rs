@@ -72,6 +72,17 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        Self::serve(listener, reply)
+    }
+
+    /// Serves on a listener bound elsewhere, e.g. inside a pod's network namespace (a socket
+    /// keeps its namespace), in the current tokio runtime.
+    pub fn start_on(listener: std::net::TcpListener, reply: Reply) -> std::io::Result<Backend> {
+        listener.set_nonblocking(true)?;
+        Ok(Self::serve(TcpListener::from_std(listener)?, reply))
+    }
+
+    fn serve(listener: TcpListener, reply: Reply) -> Backend {
         let addr = listener.local_addr().expect("backend address");
         let state = Arc::new(State {
             seen: Mutex::new(Vec::new()),

@@ -1,11 +1,18 @@
 //! The behaviour cases (`tests/data/cases/*.yaml`, copied from the project's shared cases):
-//! their model, and the one comparison every replay uses.
+//! their model, the one comparison every replay uses, and the bookkeeping of a wire replay
+//! (proxy mode and node mode replay them the same way).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use http::HeaderMap;
 use serde::Deserialize;
+
+use crate::backend::Seen;
+use crate::client::{self, Proto, Req};
+
+/// The host of cases that name none.
+pub const DEFAULT_HOST: &str = "www.example.com";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,5 +252,137 @@ pub fn check(
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// Every host the cases address, for one test certificate that covers them all (the client
+/// checks it against the SNI).
+pub fn hosts(files: &[CaseFile]) -> Vec<&str> {
+    let mut hosts: Vec<&str> = files
+        .iter()
+        .flat_map(|f| &f.cases)
+        .filter_map(|c| c.request.host.as_deref())
+        .chain([DEFAULT_HOST])
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts
+}
+
+/// The request a case sends.
+pub fn request(case: &Case) -> Req {
+    let r = &case.request;
+    Req {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        host: r.host.clone().unwrap_or_else(|| DEFAULT_HOST.into()),
+        headers: r.headers.clone(),
+    }
+}
+
+/// The parts of a reply that must not depend on the protocol.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    status: u16,
+    /// `access-control-*` and `vary`, lower-case names, values in order.
+    cors: BTreeMap<String, Vec<String>>,
+}
+
+fn answer(reply: &client::Reply) -> Answer {
+    let mut cors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &reply.headers {
+        let name = name.as_str();
+        if name.starts_with("access-control-") || name == "vary" {
+            cors.entry(name.to_string())
+                .or_default()
+                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        }
+    }
+    Answer {
+        status: reply.status,
+        cors,
+    }
+}
+
+/// Checks one replayed case: the reply, and `seen`, what the backend received meanwhile (the
+/// backend records a request before it answers, and the agent answers after the backend did,
+/// so whatever it saw is recorded by the time the reply is in).
+pub fn verify(case: &Case, reply: &client::Reply, seen: &[Seen]) -> Result<Answer, String> {
+    if seen.len() > 1 {
+        return Err(format!(
+            "the backend saw {} requests, expected at most one",
+            seen.len()
+        ));
+    }
+    let saw = seen.first().map(|s| &s.headers);
+    check(case, reply.status, &reply.headers, !seen.is_empty(), saw)?;
+    if reply.status == 204 && reply.headers.contains_key("content-length") {
+        return Err("content-length on a 204".into());
+    }
+    Ok(answer(reply))
+}
+
+/// The results of replaying case files over several protocols, HTTP/1.1 first: each replay
+/// must pass its case, and every other protocol must give the same status and CORS headers as
+/// HTTP/1.1 did.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub replayed: usize,
+    pub failures: Vec<String>,
+    /// What HTTP/1.1 answered for each case of the current file.
+    over_http1: Vec<Answer>,
+}
+
+impl Tally {
+    /// Call before the replays of each file.
+    pub fn start_file(&mut self) {
+        self.over_http1.clear();
+    }
+
+    /// Records the replay of `file.cases[index]` over `proto`.
+    pub fn record(
+        &mut self,
+        file: &CaseFile,
+        index: usize,
+        proto: Proto,
+        result: Result<Answer, String>,
+    ) {
+        self.replayed += 1;
+        let name = file.cases.get(index).map_or("?", |c| c.name.as_str());
+        match result {
+            Ok(answer) if proto == Proto::Http1 => self.over_http1.push(answer),
+            Ok(answer) => {
+                if self.over_http1.get(index) != Some(&answer) {
+                    self.failures.push(format!(
+                        "{} / {name} / {proto}: answered {answer:?}, HTTP/1.1 answered {:?}",
+                        file.name,
+                        self.over_http1.get(index)
+                    ));
+                }
+            }
+            Err(e) => {
+                if proto == Proto::Http1 {
+                    self.over_http1.push(Answer::default());
+                }
+                self.failures
+                    .push(format!("{} / {name} / {proto}: {e}", file.name));
+            }
+        }
+    }
+
+    /// Panics with every failure, or when fewer than `at_least` replays ran.
+    pub fn assert_all_passed(&self, at_least: usize) {
+        assert!(
+            self.replayed >= at_least,
+            "only {} case replays ran",
+            self.replayed
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} replays failed:\n{}",
+            self.failures.len(),
+            self.replayed,
+            self.failures.join("\n")
+        );
     }
 }
