@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod backend;
+#[cfg(target_os = "linux")]
+pub mod browser;
 pub mod cases;
 pub mod certs;
 pub mod client;
