@@ -641,6 +641,22 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_only_missing_its_pod() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node.yaml");
+        let Err(d) = load(&example) else {
+            panic!("the example names a netns that exists here");
+        };
+        // Everything but the machine-specific parts (the pod's namespace, its certificates).
+        for e in &d.errors {
+            let field = e.field.as_deref().unwrap_or("");
+            assert!(
+                field == "pods[0].netns" || field.starts_with("pods[0].ports[1].tls."),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn fail_closed_pods_need_distinct_pin_folders() {
         let e = errors(
             "resources: [routes/]\nfailMode: closed\npods:\n- {name: a.b, netns: /proc/self/ns/net, ports: [{port: 1}]}\n- {name: a_b, netns: /proc/1/ns/net, ports: [{port: 1}]}\n",
