@@ -8,4 +8,6 @@ pub mod cases;
 pub mod certs;
 pub mod client;
 #[cfg(target_os = "linux")]
+pub mod cluster;
+#[cfg(target_os = "linux")]
 pub mod netns;
