@@ -24,6 +24,8 @@ const ALLOWED: &str = "https://app.example.com";
 enum Reached {
     /// Answered by the agent (allowed, never reached the app).
     Agent,
+    /// Answered by the agent without CORS headers (a policy that does not allow the origin).
+    Denied,
     /// Reached the app, which answered without CORS headers.
     App,
     /// The connection was refused.
@@ -44,6 +46,7 @@ async fn path_of(cluster: &Cluster, addr: std::net::SocketAddr, app: &Backend) -
             let reached_app = !app.take_requests().is_empty();
             match (reply.header("access-control-allow-origin"), reached_app) {
                 (Some(ALLOWED), false) => Reached::Agent,
+                (None, false) => Reached::Denied,
                 (None, true) => Reached::App,
                 other => Reached::Other(format!("{other:?}")),
             }
@@ -224,6 +227,59 @@ async fn pods_are_detached_and_attached_again_by_editing_the_file() {
             reply.header("access-control-allow-origin"),
             Some("https://other.example.com")
         );
+    })
+    .await;
+}
+
+/// Two Services, two policies: `app-a` allows `ALLOWED`, `app-b` another origin.
+fn two_services() -> String {
+    // Renames the route and its backendRef.
+    let a = APP_ROUTE.replace("name: app\n", "name: app-a\n");
+    let b = APP_ROUTE
+        .replace("name: app\n", "name: app-b\n")
+        .replace(ALLOWED, "https://b.example");
+    format!("{a}---\n{b}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_and_services_change_in_place() {
+    require_root();
+    within_test_timeout(async {
+        let cluster = Cluster::new(&["a"]).expect("cluster");
+        let app = cluster.start_app("a", 8080, Reply::default()).unwrap();
+        let other = cluster.start_app("a", 9090, Reply::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("routes.yaml"), two_services()).unwrap();
+        let path = dir.path().join("node.yaml");
+        let with_ports = |ports: Vec<PortEntry>| NodeConfig {
+            resources: vec!["routes.yaml".into()],
+            pods: vec![PodEntry::new(&cluster, "a", ports)],
+            ..Default::default()
+        };
+        with_ports(vec![PortEntry::new(8080).service("app-a:8000")]).write(&path);
+        let agent = NodeAgent::start(&path).expect("agent");
+        let (p8080, p9090) = (cluster.pod("a").v4(8080), cluster.pod("a").v6(9090));
+        expect_path(&cluster, p8080, &app, Reached::Agent, "app-a's policy").await;
+        expect_path(&cluster, p9090, &other, Reached::App, "not enrolled").await;
+        let program = agent.config_dump().await.unwrap()["pods"][0]["programId"].clone();
+
+        // Another service on 8080 (another policy), and 9090 enrolled with every route.
+        with_ports(vec![
+            PortEntry::new(8080).service("app-b:8000"),
+            PortEntry::new(9090),
+        ])
+        .write(&path);
+        let dump = agent.wait_generation(2, SETTLE).await.unwrap();
+        assert_eq!(dump["pods"][0]["programId"], program, "updated in place");
+        expect_path(&cluster, p8080, &app, Reached::Denied, "app-b's policy").await;
+        expect_path(&cluster, p9090, &other, Reached::Agent, "9090 enrolled").await;
+
+        // 8080 removed: straight to the app again; 9090 still steered.
+        with_ports(vec![PortEntry::new(9090)]).write(&path);
+        let dump = agent.wait_generation(3, SETTLE).await.unwrap();
+        assert_eq!(dump["pods"][0]["programId"], program, "updated in place");
+        expect_path(&cluster, p8080, &app, Reached::App, "8080 removed").await;
+        expect_path(&cluster, p9090, &other, Reached::Agent, "9090 kept").await;
     })
     .await;
 }
