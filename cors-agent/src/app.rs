@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -15,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::cli::EXIT_INVALID;
 use crate::cors::UnmatchedPreflights;
 use crate::proxy::reload::{self, ConfigSource};
-use crate::proxy::{Limits, Shared, TcpConnect, parse_duration, serve_listener};
+use crate::proxy::{LimitArgs, Shared, TcpConnect, serve_listener};
 use crate::routes::BuildOptions;
 use crate::tls::{CertPair, SniResolver};
 use crate::{admin, tls};
@@ -48,38 +47,11 @@ pub struct ProxyArgs {
     /// Serve /healthz, /readyz, /metrics and /config_dump here.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
-    /// Largest request line plus headers, in bytes; larger requests get 431.
-    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
-    pub max_request_headers: usize,
-    /// Time a client has to send a request head (and finish a TLS handshake).
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub header_read_timeout: Duration,
-    /// Close client connections with no request in flight for this long.
-    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
-    pub idle_timeout: Duration,
-    /// Time to open a connection to the app (then 504).
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
-    pub upstream_connect_timeout: Duration,
-    /// Time the app has to send its response head (then 504). Bodies may stream longer.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
-    pub upstream_response_timeout: Duration,
-    /// On SIGTERM, how long in-flight requests may take before the agent exits anyway.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 impl ProxyArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            max_request_header_bytes: self.max_request_headers,
-            header_read_timeout: self.header_read_timeout,
-            idle_timeout: self.idle_timeout,
-            upstream_connect_timeout: self.upstream_connect_timeout,
-            upstream_response_timeout: self.upstream_response_timeout,
-            drain_timeout: self.drain_timeout,
-        }
-    }
-
     fn cert_pairs(&self) -> anyhow::Result<Vec<CertPair>> {
         if self.tls_cert.len() != self.tls_key.len() {
             bail!(
@@ -177,7 +149,7 @@ async fn serve(
     // Before anything is bound: a SIGTERM that arrives once the port is open must drain, not
     // kill the process.
     let shutdown = shutdown_signal()?;
-    let shared = Shared::new(snapshot, args.limits(), Arc::new(TcpConnect));
+    let shared = Shared::new(snapshot, args.limits.limits(), Arc::new(TcpConnect));
     let acceptor = resolver.as_ref().map(|r| r.acceptor()).transpose()?;
 
     let listener = TcpListener::bind(args.listen)
@@ -227,10 +199,10 @@ async fn serve(
     );
 
     shutdown.await;
-    info!(grace = ?args.drain_timeout, "draining");
+    info!(grace = ?args.limits.drain_timeout, "draining");
     shared.start_draining();
     let _ = accept.await;
-    if tokio::time::timeout(args.drain_timeout, shared.drained())
+    if tokio::time::timeout(args.limits.drain_timeout, shared.drained())
         .await
         .is_err()
     {

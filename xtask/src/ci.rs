@@ -93,8 +93,11 @@ fn install_prerequisites() -> Result<()> {
         }
     }
     let mut packages = Vec::new();
-    if !have("ip") {
-        packages.push("iproute2");
+    // `ip` builds the test namespaces; `setpriv` drops capabilities in the node error tests.
+    for (program, package) in [("ip", "iproute2"), ("setpriv", "util-linux")] {
+        if !have(program) {
+            packages.push(package);
+        }
     }
     if !packages.is_empty() {
         apt_install(&packages)?;

@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use notify::RecommendedWatcher;
@@ -31,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::cli::EXIT_INVALID;
 use crate::proxy::reload::watch_paths;
-use crate::proxy::{Limits, Metrics, parse_duration};
+use crate::proxy::{LimitArgs, Metrics};
 use crate::steer::{SteerOptions, check_environment};
 
 use config::NodeConfig;
@@ -52,38 +51,8 @@ pub struct NodeArgs {
     /// Serve /healthz, /readyz, /metrics and /config_dump here.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
-    /// Largest request line plus headers, in bytes; larger requests get 431.
-    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
-    pub max_request_headers: usize,
-    /// Time a client has to send a request head (and finish a TLS handshake).
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub header_read_timeout: Duration,
-    /// Close client connections with no request in flight for this long.
-    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
-    pub idle_timeout: Duration,
-    /// Time to open a connection to the app (then 504).
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
-    pub upstream_connect_timeout: Duration,
-    /// Time the app has to send its response head (then 504). Bodies may stream longer.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
-    pub upstream_response_timeout: Duration,
-    /// How long in-flight requests may take when the agent stops (SIGTERM) or a pod or port
-    /// is removed, before their connections are closed anyway.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub drain_timeout: Duration,
-}
-
-impl NodeArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            max_request_header_bytes: self.max_request_headers,
-            header_read_timeout: self.header_read_timeout,
-            idle_timeout: self.idle_timeout,
-            upstream_connect_timeout: self.upstream_connect_timeout,
-            upstream_response_timeout: self.upstream_response_timeout,
-            drain_timeout: self.drain_timeout,
-        }
-    }
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 pub fn run(args: NodeArgs) -> ExitCode {
@@ -162,7 +131,7 @@ async fn serve(args: NodeArgs, config: NodeConfig, routes: RouteSet) -> anyhow::
         None => None,
     };
     let settings = Settings {
-        limits: args.limits(),
+        limits: args.limits.limits(),
         metrics,
         node_metrics,
         steer: SteerOptions {
@@ -201,9 +170,9 @@ async fn serve(args: NodeArgs, config: NodeConfig, routes: RouteSet) -> anyhow::
             }
         }
     }
-    info!(grace = ?args.drain_timeout, "draining");
+    info!(grace = ?args.limits.drain_timeout, "draining");
     admin_view.start_draining();
-    node.shutdown(args.drain_timeout).await;
+    node.shutdown(args.limits.drain_timeout).await;
     Ok(())
 }
 

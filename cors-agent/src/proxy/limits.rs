@@ -22,6 +22,43 @@ pub struct Limits {
     pub drain_timeout: Duration,
 }
 
+/// The limit flags, shared by `proxy` and `node`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Largest request line plus headers, in bytes; larger requests get 431.
+    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
+    pub max_request_headers: usize,
+    /// Time a client has to send a request head (and finish a TLS handshake).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+    /// Close client connections with no request in flight for this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Time to open a connection to the app (then 504).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_connect_timeout: Duration,
+    /// Time the app has to send its response head (then 504). Bodies may stream longer.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub upstream_response_timeout: Duration,
+    /// How long in-flight requests may take when the agent stops (SIGTERM), or in node mode
+    /// when a pod or port is removed, before their connections are closed anyway.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_request_header_bytes: self.max_request_headers,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_response_timeout: self.upstream_response_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -31,7 +31,7 @@ use crate::routes::{RouteHit, RouteTable};
 
 pub use errors::ProxyError;
 pub use forward::{BoxFuture, Connect, ConnectError, TcpConnect, UpstreamClient};
-pub use limits::{Limits, parse_duration};
+pub use limits::{LimitArgs, Limits, parse_duration};
 pub use observe::Metrics;
 pub use pipeline::ProxyBody;
 pub use server::{ConnContext, serve_connection, serve_listener};
