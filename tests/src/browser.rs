@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
+use cors_agent::steer::NetNs;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
@@ -60,6 +61,9 @@ pub struct Launch<'a> {
     pub host_rules: &'a str,
     /// A CA (PEM) to trust for TLS server certificates, added to the profile's NSS database.
     pub trust_ca_pem: Option<&'a str>,
+    /// A network namespace (e.g. `/var/run/netns/NAME`) to run Chromium in, for pages that
+    /// must reach addresses that exist only there. `None`: the test's own namespace.
+    pub netns: Option<&'a Path>,
 }
 
 /// A running headless Chromium. Its whole process group is killed on drop.
@@ -87,7 +91,18 @@ impl Chromium {
             trust_ca(&home, pem)?;
         }
         let log = profile.path().join("chromium.log");
-        let mut cmd = Command::new(CHROMIUM);
+        let mut cmd = match opts.netns {
+            None => Command::new(CHROMIUM),
+            Some(ns) => {
+                // nsenter (util-linux) enters the namespace and execs Chromium, so the pid
+                // (and process group) is still Chromium's.
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(CHROMIUM);
+                cmd
+            }
+        };
         cmd.args([
             "--headless",
             "--no-sandbox",
@@ -129,8 +144,10 @@ impl Chromium {
             }
             if let Ok(text) = std::fs::read_to_string(&port_file) {
                 let mut lines = text.lines();
-                if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
-                    break format!("ws://127.0.0.1:{port}{path}");
+                if let (Some(port), Some(path)) = (lines.next(), lines.next())
+                    && let Ok(port) = port.parse::<u16>()
+                {
+                    break (port, format!("ws://127.0.0.1:{port}{path}"));
                 }
             }
             if Instant::now() >= deadline {
@@ -142,7 +159,7 @@ impl Chromium {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let cdp = match Cdp::connect(&endpoint).await {
+        let cdp = match Cdp::connect(endpoint, opts.netns).await {
             Ok(cdp) => cdp,
             Err(e) => {
                 kill_group(&mut child);
@@ -487,12 +504,27 @@ impl Drop for Cdp {
 }
 
 impl Cdp {
-    async fn connect(endpoint: &str) -> anyhow::Result<Cdp> {
-        let (ws, _) =
-            tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::connect_async(endpoint))
-                .await
-                .context("DevTools WebSocket connect timed out")?
-                .with_context(|| format!("connect to DevTools at {endpoint}"))?;
+    /// Connects to the browser endpoint `(port, ws://127.0.0.1:port/devtools/browser/…)` on
+    /// the loopback of `netns` (the test's own namespace when `None`).
+    async fn connect((port, url): (u16, String), netns: Option<&Path>) -> anyhow::Result<Cdp> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = match netns {
+            None => std::net::TcpStream::connect_timeout(&addr, CALL_TIMEOUT),
+            // A socket stays in the namespace it was made in, whichever thread uses it later.
+            Some(ns) => {
+                NetNs::open(ns)?.run(|| std::net::TcpStream::connect_timeout(&addr, CALL_TIMEOUT))
+            }
+        }
+        .with_context(|| format!("connect to DevTools at {addr}"))?;
+        tcp.set_nonblocking(true)?;
+        let tcp = TcpStream::from_std(tcp)?;
+        let (ws, _) = tokio::time::timeout(
+            CALL_TIMEOUT,
+            tokio_tungstenite::client_async(url.as_str(), MaybeTlsStream::Plain(tcp)),
+        )
+        .await
+        .context("DevTools WebSocket handshake timed out")?
+        .with_context(|| format!("DevTools WebSocket handshake with {url}"))?;
         let (sink, mut stream) = ws.split();
         let shared = Arc::new(Shared::default());
         let reader = {
@@ -598,14 +630,26 @@ impl Drop for PageServer {
 }
 
 impl PageServer {
-    pub async fn start(
+    /// Binds `bind` and serves there. Call it within the tokio runtime that is to serve it.
+    pub fn start(
         bind: SocketAddr,
         html: &'static str,
         tls: Option<Arc<ServerConfig>>,
     ) -> anyhow::Result<PageServer> {
-        let listener = TcpListener::bind(bind)
-            .await
+        let listener = std::net::TcpListener::bind(bind)
             .with_context(|| format!("bind the page server to {bind}"))?;
+        Self::serve(listener, html, tls)
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a network namespace). Call it within
+    /// the tokio runtime that is to serve it.
+    pub fn serve(
+        listener: std::net::TcpListener,
+        html: &'static str,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> anyhow::Result<PageServer> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let acceptor = tls.map(TlsAcceptor::from);
         let task = tokio::spawn(async move {
