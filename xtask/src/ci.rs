@@ -72,7 +72,7 @@ fn have(program: &str) -> bool {
 }
 
 /// The end-to-end suites create network namespaces and load eBPF programs: they need root and
-/// iproute2. rustfmt and clippy come from rustup.
+/// iproute2; the browser suite needs Debian's Chromium. rustfmt and clippy come from rustup.
 fn install_prerequisites() -> Result<()> {
     let uid = Command::new("id")
         .arg("-u")
@@ -83,6 +83,7 @@ fn install_prerequisites() -> Result<()> {
             "the test suite needs root (network namespaces, eBPF): run it as root, e.g. with sudo -E"
         );
     }
+    crate::browser_deps::ensure()?;
     for component in ["rustfmt", "clippy"] {
         let listed = Command::new("rustup")
             .args(["component", "list", "--installed"])

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod browser_deps;
 mod ci;
 mod demo;
 mod ebpf;
