@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod browser_deps;
 mod ci;
 mod demo;
@@ -26,6 +27,8 @@ enum Cmd {
     Demo(demo::Demo),
     /// Build the sk_lookup eBPF object and write it to cors-agent/src/steer/.
     BuildEbpf(ebpf::BuildEbpf),
+    /// Measure cors-agent against direct, nginx and iptables REDIRECT (root; see bench.rs).
+    Bench(bench::Bench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ci(args) => ci::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::BuildEbpf(args) => ebpf::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 
