@@ -11,6 +11,7 @@ mod browser_deps;
 mod ci;
 mod demo;
 mod ebpf;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "cors-agent project tasks")]
@@ -27,6 +28,8 @@ enum Cmd {
     Demo(demo::Demo),
     /// Build the sk_lookup eBPF object and write it to cors-agent/src/steer/.
     BuildEbpf(ebpf::BuildEbpf),
+    /// Run the eBPF end-to-end suites in a qemu VM on Debian's 6.1 and/or 6.12 cloud kernel.
+    VmTest(vm::VmTest),
     /// Measure cors-agent against direct, nginx and iptables REDIRECT (root; see bench.rs).
     Bench(bench::Bench),
 }
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ci(args) => ci::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::BuildEbpf(args) => ebpf::run(args),
+        Cmd::VmTest(args) => vm::run(args),
         Cmd::Bench(args) => bench::run(args),
     }
 }
