@@ -1,6 +1,7 @@
 //! `cargo xtask ci`: the whole test suite, as CI runs it. Installs what the tests need when it
-//! is missing, then runs formatting, lints, unit, integration and end-to-end tests, the eBPF
-//! object check and the demo's smoke run. Any step that cannot run fails the run.
+//! is missing, then runs formatting, lints, unit, integration and end-to-end tests (on this
+//! kernel, and the eBPF suites again in a VM on the oldest supported one), the eBPF object
+//! check and the demo's smoke run. Any step that cannot run fails the run.
 
 use std::process::Command;
 use std::time::Instant;
@@ -30,6 +31,9 @@ pub fn run(_args: Ci) -> Result<()> {
         ])
     })?;
     step("cargo test", || cargo(&["test", "--workspace"]))?;
+    step("end-to-end eBPF suites in a VM on Linux 6.1", || {
+        run_cmd(Command::new(&xtask).args(["vm-test", "--kernel", "6.1"]))
+    })?;
     step("eBPF object matches its source", || {
         run_cmd(Command::new(&xtask).args(["build-ebpf", "--check"]))
     })?;
@@ -94,8 +98,13 @@ fn install_prerequisites() -> Result<()> {
         }
     }
     let mut packages = Vec::new();
-    // `ip` builds the test namespaces; `setpriv` drops capabilities in the node error tests.
-    for (program, package) in [("ip", "iproute2"), ("setpriv", "util-linux")] {
+    // `ip` builds the test namespaces; `setpriv` drops capabilities in the node error tests;
+    // qemu boots the oldest supported kernel for the VM run.
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("setpriv", "util-linux"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+    ] {
         if !have(program) {
             packages.push(package);
         }
