@@ -22,7 +22,7 @@ use crate::{admin, tls};
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Run the agent in front of one app (no eBPF)",
-    after_help = "Examples:\n  cors-agent proxy --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000 -f examples/httpbin.yaml\n  cors-agent proxy --listen 0.0.0.0:8443 --upstream 127.0.0.1:8000 -f routes/ \\\n      --tls-cert a.pem --tls-key a-key.pem --tls-cert b.pem --tls-key b-key.pem --admin 127.0.0.1:15000\n\nThe agent is ready when the listen port accepts connections. Invalid resources: exit 2 before\nanything is bound. SIGHUP (or a change to a -f file) reloads; an invalid change is refused and\nthe last good configuration stays. SIGTERM drains in-flight requests and exits 0."
+    after_help = "Examples:\n  cors-agent proxy --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000 \\\n      -f examples/httpbin.yaml\n  cors-agent proxy --listen 0.0.0.0:8443 --upstream 127.0.0.1:8000 -f routes/ \\\n      --tls-cert a.pem --tls-key a-key.pem \\\n      --tls-cert b.pem --tls-key b-key.pem \\\n      --admin 127.0.0.1:15000\n\nThe agent is ready when the listen port accepts connections. Invalid resources: exit 2 before\nanything is bound. SIGHUP (or a change to a -f file) reloads; an invalid change is refused and\nthe last good configuration stays. SIGTERM drains in-flight requests and exits 0."
 )]
 pub struct ProxyArgs {
     /// Where clients connect.

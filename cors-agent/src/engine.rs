@@ -19,18 +19,19 @@ pub fn load_table(
 ) -> Result<(RouteTable, Diagnostics), Diagnostics> {
     let (resources, mut diags) = config::load(paths);
     if diags.has_errors() {
+        diags.sort();
         return Err(diags);
     }
-    match RouteTable::build(&resources, options) {
-        Ok((table, more)) => {
-            diags.warnings.extend(more.warnings);
-            Ok((table, diags))
-        }
-        Err(more) => {
-            diags.errors.extend(more.errors);
-            diags.warnings.extend(more.warnings);
-            Err(diags)
-        }
+    let built = RouteTable::build(&resources, options);
+    let more = match &built {
+        Ok((_, more)) | Err(more) => more,
+    };
+    diags.errors.extend(more.errors.iter().cloned());
+    diags.warnings.extend(more.warnings.iter().cloned());
+    diags.sort();
+    match built {
+        Ok((table, _)) => Ok((table, diags)),
+        Err(_) => Err(diags),
     }
 }
 

@@ -19,16 +19,33 @@ fn text(o: &Output) -> (String, String) {
 }
 
 #[test]
-fn validate_accepts_the_example_and_prints_lint_warnings() {
-    let out = cors_agent(&["validate", "-f", "examples/httpbin.yaml"]);
+fn validate_accepts_the_examples_without_a_warning() {
+    let out = cors_agent(&["validate", "-f", "examples/"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("valid: 2 HTTPRoute(s)"), "{stdout}");
-    assert!(
-        stderr.contains("warning: examples/httpbin.yaml:"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("Chromium caps"), "{stderr}");
+    assert!(stdout.contains("0 warning(s)"), "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+#[test]
+fn validate_prints_lint_warnings_in_file_order_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lint.yaml");
+    let text_in = std::fs::read_to_string("../examples/httpbin.yaml")
+        .unwrap()
+        .replace("maxAge: 7200", "maxAge: 86400");
+    std::fs::write(&file, text_in).unwrap();
+    let out = cors_agent(&["validate", "-f", file.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<usize> = stderr
+        .lines()
+        .filter(|l| l.contains("Chromium caps"))
+        .map(|l| l.split(':').nth(2).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0] < lines[1], "warnings in file order: {stderr}");
 }
 
 #[test]
@@ -94,7 +111,7 @@ fn explain_shows_route_policy_origin_and_the_exact_answer() {
         "HTTP/1.1 200 OK",
         "access-control-allow-origin: https://example.com",
         "access-control-allow-methods: GET,POST,OPTIONS",
-        "access-control-max-age: 86400",
+        "access-control-max-age: 7200",
     ] {
         assert!(stdout.contains(part), "{part:?} missing from:\n{stdout}");
     }
@@ -122,6 +139,11 @@ fn explain_says_why_an_origin_is_refused() {
 
 #[test]
 fn explain_refuses_a_url_without_host_and_a_bad_header() {
+    for url in ["/get", "get"] {
+        let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", url]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(text(&out).1.contains("give a full URL"), "{url}");
+    }
     let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", "/get"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("give a full URL"));
@@ -146,4 +168,42 @@ fn help_shows_examples() {
             "{cmd} --help has no examples"
         );
     }
+}
+
+#[test]
+fn explain_warns_when_the_browser_will_still_block_an_allowed_preflight() {
+    let out = cors_agent(&[
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "-X",
+        "OPTIONS",
+        "https://www.example.com/get",
+        "-H",
+        "Origin: https://example.com",
+        "-H",
+        "Access-Control-Request-Method: DELETE",
+        "-H",
+        "Access-Control-Request-Headers: X-Foo, Origin",
+    ]);
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("decision: preflight_allowed"), "{stdout}");
+    assert!(stdout.contains("DELETE is not in allowMethods"), "{stdout}");
+    assert!(
+        stdout.contains("request header(s) x-foo not in allowHeaders"),
+        "{stdout}"
+    );
+    let out = cors_agent(&[
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "-X",
+        "OPTIONS",
+        "https://www.example.com/get",
+        "-H",
+        "Origin: https://example.com",
+        "-H",
+        "Access-Control-Request-Method: POST",
+    ]);
+    assert!(text(&out).0.contains("browser:  the preflight passes"));
 }

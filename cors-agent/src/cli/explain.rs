@@ -6,14 +6,14 @@ use std::process::ExitCode;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
-use crate::cors::{Decision, OriginMatch, RequestKind, UnmatchedPreflights};
+use crate::cors::{AllowList, CorsPolicy, Decision, OriginMatch, RequestKind, UnmatchedPreflights};
 use crate::engine::{Verdict, decide, load_table};
 use crate::routes::{AttachedPolicy, BuildOptions};
 
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Show which route and policy a request gets, and the exact CORS answer",
-    after_help = "Examples:\n  cors-agent explain -f examples/httpbin.yaml -X OPTIONS https://www.example.com/get \\\n      -H 'Origin: https://example.com' -H 'Access-Control-Request-Method: GET'\n  cors-agent explain -f routes/ https://api.example.com/v1/items -H 'Origin: https://app.example.com'\n\nReach for it when a browser says \"blocked by CORS policy\": it shows the route, the winning\npolicy and the ones it beat, whether the origin is allowed and by which entry, and the status\nand headers the agent would send."
+    after_help = "Examples:\n  cors-agent explain -f examples/httpbin.yaml \\\n      -X OPTIONS https://www.example.com/get \\\n      -H 'Origin: https://example.com' \\\n      -H 'Access-Control-Request-Method: GET'\n  cors-agent explain -f routes/ https://api.example.com/v1/items \\\n      -H 'Origin: https://app.example.com'\n\nReach for it when a browser says \"blocked by CORS policy\": it shows the route, the winning\npolicy and the ones it beat, whether the origin is allowed and by which entry, and the status\nand headers the agent would send."
 )]
 pub struct ExplainArgs {
     /// A YAML file or a folder of *.yaml / *.yml files (repeatable), as with kubectl apply -f.
@@ -65,9 +65,9 @@ fn parse_request(args: &ExplainArgs) -> Result<(Method, Uri, HeaderMap), String>
         .url
         .parse()
         .map_err(|e| format!("{:?}: not a URL: {e}", args.url))?;
-    if uri.authority().is_none() {
+    if uri.authority().is_none() || !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(format!(
-            "{:?}: give a full URL with the host the client uses, e.g. https://www.example.com/get",
+            "{:?}: give a full URL with the scheme and host the client uses, e.g. https://www.example.com/get",
             args.url
         ));
     }
@@ -176,6 +176,16 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
     }
 
     let _ = writeln!(out, "decision: {}", v.decision.outcome().as_str());
+    if let (Decision::Answer(a), Some(winner)) = (&v.decision, v.policy)
+        && a.is_allowed()
+        && let RequestKind::Preflight {
+            method, headers, ..
+        } = v.kind
+    {
+        for line in browser_checks(&winner.policy, method, headers) {
+            let _ = writeln!(out, "browser:  {line}");
+        }
+    }
     out.push('\n');
     match &v.decision {
         Decision::Answer(answer) => {
@@ -219,6 +229,67 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
                 "forwarded to the app; its response is returned unchanged"
             );
         }
+    }
+    out
+}
+
+/// The agent decides on the origin alone (contract §4); the browser then also compares the
+/// requested method and headers with the answer. Saying so here saves a user the next
+/// "blocked by CORS policy".
+fn browser_checks(
+    policy: &CorsPolicy,
+    method: &HeaderValue,
+    headers: Option<&HeaderValue>,
+) -> Vec<String> {
+    // Fetch allows these without any allow-methods entry.
+    const SAFELISTED_METHODS: [&str; 3] = ["GET", "HEAD", "POST"];
+    let listed = |list: &AllowList| -> Option<Vec<String>> {
+        match list {
+            AllowList::Any => None,
+            AllowList::Unset => Some(vec![]),
+            AllowList::List(v) => Some(
+                v.to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .collect(),
+            ),
+        }
+    };
+    let mut out = Vec::new();
+    let method = method.to_str().unwrap_or("").trim();
+    if let Some(allowed) = listed(&policy.methods)
+        && !SAFELISTED_METHODS.contains(&method)
+        && !allowed.contains(&method.to_ascii_lowercase())
+    {
+        out.push(format!(
+            "will block the {method} request: {method} is not in allowMethods (GET, HEAD and POST need no entry)"
+        ));
+    }
+    let requested: Vec<String> = headers
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(allowed) = listed(&policy.headers) {
+        let missing: Vec<&str> = requested
+            .iter()
+            .filter(|h| !allowed.contains(h))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            out.push(format!(
+                "will block the {method} request: request header(s) {} not in allowHeaders",
+                missing.join(", ")
+            ));
+        }
+    }
+    if out.is_empty() {
+        out.push(format!(
+            "the preflight passes; the browser then sends the {method} request"
+        ));
     }
     out
 }

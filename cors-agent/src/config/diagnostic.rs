@@ -62,6 +62,13 @@ impl Diagnostics {
     pub fn has_errors(&self) -> bool {
         !self.errors.is_empty()
     }
+
+    /// File and line order, as a reader goes through the files.
+    pub fn sort(&mut self) {
+        let key = |d: &Diagnostic| (d.file.clone(), d.line);
+        self.errors.sort_by_key(key);
+        self.warnings.sort_by_key(key);
+    }
 }
 
 impl fmt::Display for Diagnostics {

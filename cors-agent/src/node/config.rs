@@ -642,7 +642,7 @@ mod tests {
 
     #[test]
     fn the_example_file_is_only_missing_its_pod() {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node.yaml");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node/node.yaml");
         let Err(d) = load(&example) else {
             panic!("the example names a netns that exists here");
         };
