@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -15,7 +16,8 @@ use crate::workspace_root;
 
 #[derive(clap::Args)]
 pub struct Demo {
-    /// Send the demo's requests, check the answers, and exit.
+    /// Send the demo's requests, check the answers, and exit (on free ports: --port and
+    /// --app-port are ignored).
     #[arg(long)]
     smoke: bool,
     /// Port for the agent (0: any free port).
@@ -38,8 +40,9 @@ impl Drop for Agent {
 
 pub fn run(args: Demo) -> Result<()> {
     let root = workspace_root();
+    println!("building cors-agent (the first build takes a few minutes)...");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "cors-agent"])
+        .args(["build", "-p", "cors-agent"])
         .current_dir(&root)
         .status()
         .context("running cargo build")?;
@@ -58,9 +61,23 @@ pub fn run(args: Demo) -> Result<()> {
     thread::spawn(move || serve_demo_app(app));
 
     let agent_addr: SocketAddr = ([127, 0, 0, 1], agent_port).into();
+    // Readiness is "the port accepts connections": another program on the port would pass it.
+    drop(
+        TcpListener::bind(agent_addr)
+            .with_context(|| format!("cors-agent: cannot listen on {agent_addr} (try --port)"))?,
+    );
     let resources = root.join("examples/httpbin.yaml");
-    let agent = Agent(
-        Command::new(&binary)
+    let mut command = Command::new(&binary);
+    // The agent must not outlive the demo, also when the demo is killed by a signal.
+    // SAFETY: the closure only makes one async-signal-safe system call (prctl).
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut agent = Agent(
+        command
             .arg("proxy")
             .args(["--listen", &agent_addr.to_string()])
             .args(["--upstream", &app_addr.to_string()])
@@ -80,6 +97,9 @@ pub fn run(args: Demo) -> Result<()> {
             .with_context(|| format!("starting {}", binary.display()))?,
     );
     wait_for_port(agent_addr, Duration::from_secs(20))?;
+    if let Some(status) = agent.0.try_wait()? {
+        bail!("cors-agent exited at start: {status}");
+    }
 
     let requests = demo_requests();
     if args.smoke {
@@ -110,7 +130,6 @@ pub fn run(args: Demo) -> Result<()> {
         );
     }
     println!("Press Ctrl-C to stop.");
-    let mut agent = agent;
     let status = agent.0.wait()?;
     bail!("cors-agent exited: {status}")
 }

@@ -3,6 +3,7 @@
 //! Keep this file a thin dispatcher: each command lives in its own module.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -34,13 +35,21 @@ enum Cmd {
     Bench(bench::Bench),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
         Cmd::Ci(args) => ci::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::BuildEbpf(args) => ebpf::run(args),
         Cmd::VmTest(args) => vm::run(args),
         Cmd::Bench(args) => bench::run(args),
+    };
+    // One readable line per cause, without the backtrace RUST_BACKTRACE would add.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
