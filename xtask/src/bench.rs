@@ -198,6 +198,7 @@ fn measure_all(
     agent: &Path,
     work: &Path,
 ) -> Result<(Vec<Measurement>, Vec<MemEntry>)> {
+    let t = Instant::now();
     let labels: Vec<&str> = plan.systems.iter().map(|s| s.label()).collect();
     let mut topo = Topology::new(&labels)?;
     let env = environment(plan, agent, work, &topo)?;
@@ -215,8 +216,9 @@ fn measure_all(
         }
     }
     println!(
-        "bench: {} systems up and answering correctly",
-        systems.len()
+        "bench: {} systems up and answering correctly ({:.1?})",
+        systems.len(),
+        t.elapsed()
     );
     let loadgen = LoadGen::new(&topo.client, plan.loadgen_cpus.clone(), work)?;
     let mut runs = Vec::new();
@@ -229,20 +231,27 @@ fn measure_all(
             runs.push(m);
         }
     }
+    println!("bench: rounds done ({:.1?})", t.elapsed());
     let memory = match &plan.scale {
         Some(scale) => memory::run(&env, &mut topo, &mut systems, scale)?,
         None => Vec::new(),
     };
+    println!("bench: memory scenario done ({:.1?})", t.elapsed());
     drop(systems);
     Ok((runs, memory))
 }
 
 fn environment(plan: &Plan, agent: &Path, work: &Path, topo: &Topology) -> Result<Env> {
-    let routes = work.join("routes.yaml");
+    // The agents watch the folders of their -f files and certificates: nothing else may be
+    // written there, or every log line would wake their watcher threads.
+    let config = work.join("config");
+    fs::create_dir_all(&config)?;
+    let routes = config.join("routes.yaml");
     fs::write(&routes, include_str!("../../bench/routes.yaml"))?;
-    let (cert, key) = setup::write_certificate(work)?;
+    let (cert, key) = setup::write_certificate(&config)?;
     Ok(Env {
         dir: work.to_path_buf(),
+        config,
         agent: agent.to_path_buf(),
         cert,
         key,

@@ -25,8 +25,29 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct MemEntry {
     pub system: SystemKind,
-    pub case: String,
+    /// Pods enrolled (node mode; 0 for the others).
+    pub pods: usize,
+    pub connections: usize,
     pub rss_kib: u64,
+}
+
+impl MemEntry {
+    pub fn case(&self) -> String {
+        let mut parts = Vec::new();
+        if self.pods > 0 {
+            parts.push(format!(
+                "{} pod{}",
+                self.pods,
+                if self.pods == 1 { "" } else { "s" }
+            ));
+        }
+        parts.push(if self.connections == 0 {
+            "idle".to_owned()
+        } else {
+            format!("{} idle keep-alive connections", self.connections)
+        });
+        parts.join(", ")
+    }
 }
 
 /// The scenario's size.
@@ -61,10 +82,11 @@ fn node(
     scale: &Scale,
 ) -> Result<Vec<MemEntry>> {
     system.stop_fronts();
-    let entry = |case: String, kib| MemEntry {
+    let entry = |pods, connections, rss_kib| MemEntry {
         system: SystemKind::Node,
-        case,
-        rss_kib: kib,
+        pods,
+        connections,
+        rss_kib,
     };
     let pod_netns = netns_path(system.pod_ns());
     let bench_pod = || NodePod {
@@ -75,7 +97,7 @@ fn node(
     let mut out = Vec::new();
     {
         let agent = start_node(env, "mem-node-1", &[bench_pod()])?;
-        out.push(entry("idle, 1 pod".into(), settled_rss(&agent)));
+        out.push(entry(1, 0, settled_rss(&agent)));
     }
     let mut pods = vec![bench_pod()];
     let extra = topo.add_bare_pods(scale.pods.saturating_sub(1))?;
@@ -86,17 +108,14 @@ fn node(
     }));
     let mut agent = start_node(env, "mem-node-many", &pods)?;
     let n = pods.len();
-    out.push(entry(format!("idle, {n} pods"), settled_rss(&agent)));
+    out.push(entry(n, 0, settled_rss(&agent)));
     let conns = open_idle(
         env,
         system.addr(Listener::Http1),
         scale.connections,
         &mut agent,
     )?;
-    out.push(entry(
-        format!("{n} pods + {} idle connections", conns.len()),
-        settled_rss(&agent),
-    ));
+    out.push(entry(n, conns.len(), settled_rss(&agent)));
     Ok(out)
 }
 
@@ -114,12 +133,14 @@ fn front(env: &Env, system: &mut System, scale: &Scale) -> Result<Vec<MemEntry>>
     Ok(vec![
         MemEntry {
             system: kind,
-            case: "idle".into(),
+            pods: 0,
+            connections: 0,
             rss_kib: idle,
         },
         MemEntry {
             system: kind,
-            case: format!("{} idle connections", conns.len()),
+            pods: 0,
+            connections: conns.len(),
             rss_kib: loaded,
         },
     ])

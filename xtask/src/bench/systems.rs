@@ -90,11 +90,13 @@ impl SystemKind {
 pub struct Env {
     /// The run's working directory (configs, logs, nginx prefixes).
     pub dir: PathBuf,
+    /// Files the agents watch (resources, certificates, node.yaml) and nothing else.
+    pub config: PathBuf,
     /// The release `cors-agent` binary.
     pub agent: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// bench/routes.yaml, copied into `dir`.
+    /// bench/routes.yaml, copied into `config`.
     pub routes: PathBuf,
     /// The backend's document root with the 1 KiB file.
     pub www: PathBuf,
@@ -388,7 +390,7 @@ impl NodePod {
 
 /// `cors-agent node` in the host namespace (as a hostNetwork DaemonSet pod), for `pods`.
 pub fn start_node(env: &Env, name: &str, pods: &[NodePod]) -> Result<Proc> {
-    let config = env.dir.join(format!("{name}.yaml"));
+    let config = env.config.join(format!("{name}.yaml"));
     fs::write(&config, node_yaml(env, pods)).context("writing node.yaml")?;
     let mut cmd = env.agent_command(None);
     cmd.arg("node").arg("--config").arg(&config);
