@@ -326,3 +326,135 @@ fn a_header_match_on_a_cors_route_is_linted() {
         "{d}"
     );
 }
+
+#[test]
+fn hostile_yaml_is_refused_with_a_message_not_a_crash() {
+    let errs = errors(&("- ".repeat(20_000) + "x\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("bad.yaml:") && e.contains("nested more than 64 levels")),
+        "{errs:#?}"
+    );
+    let errs = errors("apiVersion: v1\nkind: List\nitems: 5\n");
+    assert!(
+        errs.iter().any(|e| e.contains("items must be a list")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn an_empty_set_of_resources_is_an_error() {
+    let errs = errors("");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("no HTTPRoute in the given resources")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn kind_and_api_version_typos_are_errors_not_silent_skips() {
+    let errs = errors(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HttpRoute\nmetadata: {name: a}\nspec: {}\n",
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("did you mean HTTPRoute?")),
+        "{errs:#?}"
+    );
+    let errs = errors(
+        "apiVersion: gateway.networking.k8s.io\nkind: HTTPRoute\nmetadata: {name: a}\nspec: {}\n",
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("has no version")),
+        "{errs:#?}"
+    );
+    let errs = errors("kind: HTTPRoute\nmetadata: {name: a}\nspec: {}\n");
+    assert!(
+        errs.iter().any(|e| e.contains("HTTPRoute: no apiVersion")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn metadata_that_decides_precedence_is_checked() {
+    let route = |meta: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: a\n{meta}spec: {{}}\n"
+        )
+    };
+    assert_rejected(
+        &route("  creationTimestamp: \"9999-99-99T99:99:99Z\"\n"),
+        "metadata.creationTimestamp",
+        "is not a timestamp",
+    );
+    assert_rejected(
+        &route("  namespace: \"BAD NS\"\n"),
+        "metadata.namespace",
+        "not a valid namespace",
+    );
+}
+
+#[test]
+fn regular_expressions_are_checked_alone_and_reported_on_one_line() {
+    let base = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: api\nspec:\n  rules:\n  - matches:\n    - path: {type: RegularExpression, value: ";
+    // Would escape the anchoring group if it were only wrapped in ^(?:...)$.
+    let errs = errors(&format!("{base}\"/api)|(/admin\"}}\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e
+                .contains("spec.rules[0].matches[0].path.value: not a valid regular expression")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .all(|e| !e.contains('\n') && !e.contains("^(?:")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn impossible_origin_hosts_are_refused() {
+    let long = [
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(63),
+    ]
+    .join(".");
+    assert_rejected(
+        &route_with_cors(&format!("allowOrigins: [\"https://{long}\"]")),
+        &format!("{CORS}.allowOrigins[0]"),
+        "at most 253 characters",
+    );
+    assert_rejected(
+        &route_with_cors(&format!(
+            "allowOrigins: [\"https://{}.test\"]",
+            "x".repeat(64)
+        )),
+        &format!("{CORS}.allowOrigins[0]"),
+        "each label at most 63",
+    );
+}
+
+#[test]
+fn only_regular_files_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.yaml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    let d = load_table(&[fifo], &BuildOptions::default()).unwrap_err();
+    assert!(
+        d.to_string().contains("pipe.yaml: not a regular file"),
+        "{d}"
+    );
+    let bad = dir.path().join("latin1.yaml");
+    std::fs::write(&bad, b"kind: HTTPRoute\nname: caf\xe9\n").unwrap();
+    let d = load_table(&[bad], &BuildOptions::default()).unwrap_err();
+    assert!(
+        d.to_string().contains("latin1.yaml:2: not UTF-8 text"),
+        "{d}"
+    );
+}

@@ -137,10 +137,37 @@ fn expand(path: &Path, diags: &mut Diagnostics) -> Vec<PathBuf> {
     files
 }
 
+/// Far above any set of resources; a bound keeps `-f /dev/zero` from eating the memory.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+fn read_text(file: &Path) -> Result<String, (Option<usize>, String)> {
+    use std::io::Read;
+    let meta = std::fs::metadata(file).map_err(|e| (None, format!("cannot read: {e}")))?;
+    // A FIFO or device would block or never end.
+    if !meta.is_file() {
+        return Err((None, "not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| (None, format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err((None, format!("larger than {} MiB", MAX_FILE_BYTES >> 20)));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        (
+            Some(line),
+            format!("not UTF-8 text (invalid byte at offset {})", valid.len()),
+        )
+    })
+}
+
 fn load_file(file: &Path, out: &mut Resources, diags: &mut Diagnostics) {
-    let text = match std::fs::read_to_string(file) {
+    let text = match read_text(file) {
         Ok(t) => t,
-        Err(e) => return diags.push(file_error(file, None, format!("cannot read: {e}"))),
+        Err((line, reason)) => return diags.push(file_error(file, line, reason)),
     };
     let docs = match yaml::parse_documents(&text) {
         Ok(d) => d,
@@ -162,7 +189,15 @@ fn load_file(file: &Path, out: &mut Resources, diags: &mut Diagnostics) {
         if meta.kind == "List" {
             let items = match doc.value.get("items") {
                 Some(Value::Array(items)) => items.clone(),
-                _ => vec![],
+                None | Some(Value::Null) => vec![],
+                Some(_) => {
+                    diags.push(file_error(
+                        &file,
+                        Some(lines.line_of("items").unwrap_or(doc.line)),
+                        "kind: List: items must be a list of resources",
+                    ));
+                    continue;
+                }
             };
             for (i, item) in items.into_iter().enumerate() {
                 let ctx = DocContext {
@@ -203,12 +238,46 @@ fn load_object(value: Value, ctx: DocContext, out: &mut Resources, diags: &mut D
             ));
         }
     };
-    let group = meta
+    // The core group is written without a slash (`v1`).
+    let (group, version) = meta
         .api_version
         .split_once('/')
-        .map(|(g, _)| g)
-        .unwrap_or("");
-    let version = meta.api_version.rsplit('/').next().unwrap_or("");
+        .unwrap_or(("", meta.api_version.as_str()));
+    let ours = [
+        (GATEWAY_GROUP, "HTTPRoute"),
+        (GATEWAY_GROUP, "Gateway"),
+        (AGENTGATEWAY_GROUP, "AgentgatewayPolicy"),
+    ];
+    if meta.api_version.is_empty() && !meta.kind.is_empty() {
+        return diags.push(file_error(
+            &ctx.file,
+            Some(ctx.line),
+            format!("{}: no apiVersion", meta.kind),
+        ));
+    }
+    if group.is_empty() && [GATEWAY_GROUP, AGENTGATEWAY_GROUP].contains(&version) {
+        return diags.push(file_error(
+            &ctx.file,
+            Some(ctx.line),
+            format!(
+                "apiVersion {:?} has no version: write group/version, e.g. {GATEWAY_GROUP}/v1",
+                meta.api_version
+            ),
+        ));
+    }
+    if let Some((_, kind)) = ours
+        .iter()
+        .find(|(g, k)| *g == group && k.eq_ignore_ascii_case(&meta.kind) && *k != meta.kind)
+    {
+        return diags.push(file_error(
+            &ctx.file,
+            Some(ctx.line),
+            format!(
+                "kind {:?} is not a kind of {group}: did you mean {kind}?",
+                meta.kind
+            ),
+        ));
+    }
     match (group, meta.kind.as_str()) {
         (GATEWAY_GROUP, "HTTPRoute") if matches!(version, "v1" | "v1beta1") => {
             if let Some(r) = typed(value, "HTTPRoute", ctx, diags) {
@@ -289,6 +358,13 @@ fn typed<S: DeserializeOwned>(
         field: (!field.is_empty()).then_some(field),
         reason,
     };
+    if !is_dns_label(namespace) {
+        diags.push(diag(
+            "metadata.namespace".into(),
+            format!("{namespace:?} is not a valid namespace: lower-case letters, digits and '-', at most 63"),
+        ));
+        return None;
+    }
     match name {
         None | Some("") => {
             diags.push(diag("metadata.name".into(), "required".into()));
@@ -348,6 +424,10 @@ fn typed<S: DeserializeOwned>(
     })
 }
 
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && !s.contains('.') && is_dns_subdomain(s)
+}
+
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|l| {
@@ -359,15 +439,23 @@ fn is_dns_subdomain(s: &str) -> bool {
         })
 }
 
-/// Kubernetes writes `creationTimestamp` as `YYYY-MM-DDTHH:MM:SSZ`, which sorts as text.
+/// Kubernetes writes `creationTimestamp` as `YYYY-MM-DDTHH:MM:SSZ`, which sorts as text; it
+/// decides precedence, so a value that is no time at all is refused.
 fn is_rfc3339_utc(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 20
+    let shape = b.len() == 20
         && b.iter().enumerate().all(|(i, c)| match i {
             4 | 7 => *c == b'-',
             10 => *c == b'T',
             13 | 16 => *c == b':',
             19 => *c == b'Z',
             _ => c.is_ascii_digit(),
-        })
+        });
+    let field = |from: usize, to: usize| s[from..to].parse::<u32>().unwrap_or(u32::MAX);
+    shape
+        && (1..=12).contains(&field(5, 7))
+        && (1..=31).contains(&field(8, 10))
+        && field(11, 13) < 24
+        && field(14, 16) < 60
+        && field(17, 19) < 61
 }

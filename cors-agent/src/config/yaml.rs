@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr_parser::Event;
 use serde_json::{Map, Number, Value};
 
 /// One YAML document of a file.
@@ -41,9 +42,14 @@ pub struct YamlError {
     pub reason: String,
 }
 
+/// Deeper than any Kubernetes resource nests; the YAML tree loader recurses per level, so
+/// without a bound a small file of `- - - ...` would overflow the stack.
+const MAX_DEPTH: usize = 64;
+
 /// Parses every document in `text`; empty documents (a leading `---`, a trailing one) are
 /// skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
+    check_depth(text)?;
     let docs = MarkedYaml::load_from_str(text).map_err(|e| YamlError {
         line: e.marker().line(),
         reason: e.info().to_string(),
@@ -63,6 +69,32 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
         });
     }
     Ok(out)
+}
+
+/// Walks the event stream (the parser itself keeps an explicit stack) and refuses nesting
+/// deeper than [`MAX_DEPTH`] before anything recursive runs.
+fn check_depth(text: &str) -> Result<(), YamlError> {
+    let mut depth = 0usize;
+    for event in saphyr_parser::Parser::new_from_str(text) {
+        let (event, span) = event.map_err(|e| YamlError {
+            line: e.marker().line(),
+            reason: e.info().to_string(),
+        })?;
+        match event {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(YamlError {
+                        line: span.start.line(),
+                        reason: format!("nested more than {MAX_DEPTH} levels deep"),
+                    });
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn convert(
@@ -152,6 +184,19 @@ mod tests {
         assert_eq!(d.lines.line_of("spec.list[0]"), Some(6));
         assert_eq!(d.lines.line_of("spec.list[1].missing.deeper"), Some(7));
         assert_eq!(d.value["spec"]["list"][1]["two"], 2);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        for text in ["- ".repeat(20_000) + "x\n", "[".repeat(20_000)] {
+            let e = parse_documents(&text).unwrap_err();
+            assert!(
+                e.reason.contains("nested") || e.reason.contains("recursion"),
+                "{e}"
+            );
+        }
+        let fine = "a:\n  b: [[[1]]]\n";
+        assert!(parse_documents(fine).is_ok());
     }
 
     #[test]

@@ -122,9 +122,11 @@ impl PreflightAnswer<'_> {
         headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         match &p.methods {
             AllowList::Unset => {}
-            AllowList::Any => {
+            // Echo only a real method name: the header is the request's bytes otherwise.
+            AllowList::Any if is_token(self.request_method.as_bytes()) => {
                 headers.insert(ACCESS_CONTROL_ALLOW_METHODS, self.request_method.clone());
             }
+            AllowList::Any => {}
             AllowList::List(v) => {
                 headers.insert(ACCESS_CONTROL_ALLOW_METHODS, v.clone());
             }
@@ -161,6 +163,10 @@ impl PreflightAnswer<'_> {
             },
         );
     }
+}
+
+fn is_token(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(super::policy::is_token)
 }
 
 /// `allowHeaders: ["*"]` answers with the names the browser asked for, trimmed.

@@ -61,6 +61,13 @@ pub(super) fn add_vary(headers: &mut HeaderMap, add: &'static str) {
     if missing.is_empty() {
         return;
     }
+    // A value that is not text cannot be merged without losing it: add a line of our own.
+    if headers.get_all(VARY).iter().any(|v| v.to_str().is_err()) {
+        if let Ok(v) = HeaderValue::from_str(&missing.join(", ")) {
+            headers.append(VARY, v);
+        }
+        return;
+    }
     let existing: Vec<&str> = headers
         .get_all(VARY)
         .iter()
@@ -117,6 +124,15 @@ mod tests {
         h.insert(VARY, HeaderValue::from_static("*"));
         add_vary(&mut h, "Origin");
         assert_eq!(vary_of(&h), ["*"]);
+    }
+
+    #[test]
+    fn a_vary_value_that_is_not_text_is_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(VARY, HeaderValue::from_bytes(b"X-\xff").unwrap());
+        add_vary(&mut h, "Origin");
+        let values: Vec<&[u8]> = h.get_all(VARY).iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(values, [&b"X-\xff"[..], b"Origin"]);
     }
 
     #[test]

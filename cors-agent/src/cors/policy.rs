@@ -199,6 +199,15 @@ fn compile_origins(entries: &[String], report: &mut Report) -> AllowOrigins {
             );
             continue;
         }
+        let host = entry.split_once("://").map_or("", |(_, a)| a);
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        if host.len() > 253 || host.split('.').any(|l| l.len() > 63) {
+            report.error(
+                field,
+                format!("{entry:?}: a host name is at most 253 characters, each label at most 63"),
+            );
+            continue;
+        }
         match OriginPattern::parse(entry) {
             Some(p) => {
                 if let Some(j) = patterns.iter().position(|q| *q == p) {
@@ -271,7 +280,8 @@ fn compile_header_list(
     }
     let lower: Vec<String> = entries.iter().map(|h| h.to_ascii_lowercase()).collect();
     for (i, h) in entries.iter().enumerate() {
-        if h == "*" {
+        // `*` was handled above, and an empty entry already has its error.
+        if h == "*" || h.trim().is_empty() {
             continue;
         }
         if !is_token(h) {

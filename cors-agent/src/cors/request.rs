@@ -29,11 +29,19 @@ impl RequestKind<'_> {
     }
 }
 
+/// Two `Origin` headers combine, under Fetch, into one value that is no origin: it stands in
+/// for them so that such a request is never allowed by its first header alone.
+static DUPLICATE_ORIGIN: HeaderValue = HeaderValue::from_static("null");
+
 /// `http::HeaderMap` lookups are case-insensitive, so `ORIGIN` and `origin` are one header.
 pub fn classify<'a>(method: &Method, headers: &'a HeaderMap) -> RequestKind<'a> {
-    let Some(origin) = headers.get(ORIGIN) else {
+    let mut origins = headers.get_all(ORIGIN).iter();
+    let Some(mut origin) = origins.next() else {
         return RequestKind::NoOrigin;
     };
+    if origins.next().is_some() {
+        origin = &DUPLICATE_ORIGIN;
+    }
     if method == Method::OPTIONS
         && let Some(acrm) = headers.get(ACCESS_CONTROL_REQUEST_METHOD)
         && !acrm.as_bytes().trim_ascii().is_empty()
@@ -87,5 +95,15 @@ mod tests {
         ));
         let h = headers(&[("access-control-request-method", "GET")]);
         assert_eq!(classify(&Method::OPTIONS, &h), RequestKind::NoOrigin);
+    }
+
+    #[test]
+    fn two_origin_headers_are_no_origin_at_all() {
+        let mut h = headers(&[("origin", "https://allowed.test")]);
+        h.append(ORIGIN, HeaderValue::from_static("https://evil.test"));
+        let RequestKind::Actual { origin } = classify(&Method::GET, &h) else {
+            panic!("still a CORS request");
+        };
+        assert_eq!(origin, "null");
     }
 }

@@ -78,6 +78,18 @@ pub(super) fn build(
     options: &BuildOptions,
 ) -> Result<(RouteTable, Diagnostics), Diagnostics> {
     let mut d = Diagnostics::default();
+    if res.routes.is_empty() {
+        // Most often a truncated or emptied file mid-write: serving it would answer 404 to
+        // everything.
+        d.push(crate::config::Diagnostic {
+            severity: Severity::Error,
+            file: None,
+            line: None,
+            resource: None,
+            field: None,
+            reason: "no HTTPRoute in the given resources: every request would get a 404".into(),
+        });
+    }
     let gateways = gateway_listeners(res, &mut d);
     let targeted = policies(res, &mut d);
     let mut used = vec![false; targeted.len()];
@@ -838,10 +850,28 @@ fn value_matches<N: PartialEq>(
 }
 
 /// Gateway API regular expressions match the whole value.
-fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(1 << 20)
-        .build()
+/// Gateway API regular expressions match the whole value. The pattern is checked on its own
+/// first, so `a)|(b` cannot break out of the anchoring group and errors quote the user's text.
+fn anchored(pattern: &str) -> Result<Regex, String> {
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| one_line(&e.to_string()))
+    };
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
+}
+
+/// regex's syntax errors draw a caret under the pattern over several lines; a diagnostic is
+/// one line.
+fn one_line(message: &str) -> String {
+    let reason = message
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == '~' || c == ' '))
+        .unwrap_or(message);
+    reason.trim_start_matches("error: ").to_string()
 }
 
 /// The CRD's rules for `Exact` and `PathPrefix` values.

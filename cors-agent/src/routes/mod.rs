@@ -91,10 +91,8 @@ impl RouteTable {
     pub fn find(&self, q: &RouteQuery<'_>) -> Option<RouteHit<'_>> {
         let entry = self
             .index
-            .candidates(q.host, q.path)
-            .iter()
-            .map(|&i| &self.entries[i as usize])
-            .find(|e| e.matches(q))?;
+            .find(q.host, q.path, |i| self.entries[i as usize].matches(q))
+            .map(|i| &self.entries[i as usize])?;
         let rule = &self.rules[entry.rule];
         Some(RouteHit {
             route: &self.routes[rule.route],
