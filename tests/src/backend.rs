@@ -7,6 +7,7 @@
 //! - `/ws`: a WebSocket echo server.
 //! - `/echo`: streams the request body back frame by frame, as it arrives.
 //! - `/slow?ms=N`: answers after N milliseconds.
+//! - `/collect`: reads the whole request body before answering (500 if it cannot).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -201,6 +202,16 @@ async fn handle(
             });
             Response::new(ChannelBody { rx, sse: false }.boxed())
         }
+        "/collect" => match req.into_body().collect().await {
+            Ok(body) => Response::new(
+                Full::new(Bytes::from(format!("{} bytes\n", body.to_bytes().len()))).boxed(),
+            ),
+            Err(_) => {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"body\n")).boxed());
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                r
+            }
+        },
         "/slow" => {
             let ms = req
                 .uri()

@@ -366,3 +366,73 @@ async fn an_app_that_does_not_accept_in_time_gets_504_with_cors_headers() {
     assert_eq!(reply.header("access-control-allow-origin"), Some(ORIGIN));
     drop(stuck);
 }
+
+/// The agent's `/metrics` text.
+async fn metrics(agent: &Agent) -> String {
+    let reply = client::http1(agent.admin_addr(), &Req::get("admin", "/metrics"))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&reply.body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_request_body_is_the_clients_fault_not_the_apps() {
+    let backend = Backend::start(Reply::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentBuilder::new(
+        backend.addr,
+        write_resources(dir.path(), "r.yaml", APP_ROUTE),
+    )
+    .admin()
+    .spawn()
+    .unwrap();
+
+    // A malformed chunk size, to an app that reads the whole body before answering.
+    let mut tcp = client::connect(agent.addr()).await.unwrap();
+    let raw = client::exchange(
+        &mut tcp,
+        b"POST /collect HTTP/1.1\r\nHost: www.example.com\r\nOrigin: https://app.example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\nzz\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let reply = client::parse_http1(&raw).unwrap();
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.header("access-control-allow-origin"), Some(ORIGIN));
+
+    // A client that leaves in the middle of its body.
+    let mut tcp = client::connect(agent.addr()).await.unwrap();
+    tcp.write_all(
+        b"POST /collect HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 1000\r\n\r\nonly a little",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tcp);
+    assert_eq!(
+        backend
+            .wait_for_requests(2, Duration::from_secs(5))
+            .await
+            .len(),
+        2
+    );
+    // Give the agent a moment to see the end of the body.
+    let blamed_on_the_client = |agent: &Agent| {
+        agent
+            .log()
+            .matches("error=the client's request body could not be read")
+            .count()
+    };
+    for _ in 0..50 {
+        if blamed_on_the_client(&agent) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(blamed_on_the_client(&agent), 2, "{}", agent.log());
+    let text = metrics(&agent).await;
+    assert!(
+        !text.contains("cors_agent_upstream_errors_total{"),
+        "blamed on the app:\n{text}"
+    );
+    still_serving(&agent).await;
+}

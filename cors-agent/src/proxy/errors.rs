@@ -11,6 +11,8 @@ use http_body_util::Full;
 
 use crate::cors::ResponseEdits;
 
+use super::path::PathError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches the request")]
@@ -19,6 +21,8 @@ pub enum ProxyError {
     HeadersTooLarge { limit: usize },
     #[error("cannot forward the request: {0}")]
     BadRequest(&'static str),
+    #[error("cannot forward the request: {0}")]
+    BadPath(#[from] PathError),
     #[error("CONNECT is not forwarded")]
     ConnectNotSupported,
     #[error("cannot connect to the app at {addr}")]
@@ -36,6 +40,13 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The client's request body broke while it was being forwarded (a malformed chunk, a
+    /// client gone mid-body): the client's fault, not the app's.
+    #[error("the client's request body could not be read")]
+    ClientBody {
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
     #[error("the app at {addr} switched protocols without being asked to")]
     UnexpectedUpgrade { addr: SocketAddr },
 }
@@ -45,7 +56,9 @@ impl ProxyError {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadPath(_) | Self::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
             Self::UpstreamConnect {
                 timed_out: true, ..
@@ -63,6 +76,8 @@ impl ProxyError {
             Self::NoRoute
             | Self::HeadersTooLarge { .. }
             | Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::ClientBody { .. }
             | Self::ConnectNotSupported => None,
             Self::UpstreamConnect {
                 timed_out: true, ..
@@ -77,8 +92,9 @@ impl ProxyError {
         match self {
             Self::NoRoute => "cors-agent: no route matches this request\n",
             Self::HeadersTooLarge { .. } => "cors-agent: request header fields too large\n",
-            Self::BadRequest(_) => "cors-agent: bad request\n",
+            Self::BadRequest(_) | Self::BadPath(_) => "cors-agent: bad request\n",
             Self::ConnectNotSupported => "cors-agent: CONNECT is not supported\n",
+            Self::ClientBody { .. } => "cors-agent: the request body could not be read\n",
             Self::UpstreamTimeout { .. }
             | Self::UpstreamConnect {
                 timed_out: true, ..

@@ -128,6 +128,9 @@ impl UpstreamClient {
                 timed_out: is_connect_timeout(&source),
                 source,
             }),
+            Ok(Err(source)) if is_client_body_error(&source) => {
+                Err(ProxyError::ClientBody { source })
+            }
             Ok(Err(source)) => Err(ProxyError::Upstream { addr, source }),
             Err(_) => Err(ProxyError::UpstreamTimeout {
                 addr,
@@ -135,6 +138,23 @@ impl UpstreamClient {
             }),
         }
     }
+}
+
+/// Whether the request failed because the client's body did: hyper reports a body that
+/// yielded an error as a user error whose cause is that body's (the incoming request's)
+/// `hyper::Error`. Writing to the app failing is a body-write error with an I/O cause instead.
+fn is_client_body_error(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && h.is_user()
+            && std::error::Error::source(h).is_some_and(|c| c.is::<hyper::Error>())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Whether hyper-util's connect error is our connect timeout.
@@ -165,12 +185,13 @@ pub(super) fn upstream_request(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if !parts.headers.contains_key(HOST) {
-        // HTTP/2 carries the host in :authority only.
-        let host = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .ok_or(ProxyError::BadRequest("the request names no host"))?;
+        // HTTP/2 carries the host in :authority only; an HTTP/1.0 request may name none, and
+        // then the app gets an empty Host (RFC 9112 §3.2).
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str())
+                .map_err(|_| ProxyError::BadRequest("the request's authority is not a Host"))?,
+            None => HeaderValue::from_static(""),
+        };
         parts.headers.insert(HOST, host);
     }
     let uri = Uri::builder()

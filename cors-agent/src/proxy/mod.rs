@@ -11,9 +11,11 @@ mod forward;
 mod hop;
 mod limits;
 mod observe;
+mod path;
 mod pipeline;
 pub mod reload;
 mod server;
+mod target;
 mod upgrade;
 
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
-use crate::cors::{Decision, PreflightAnswer};
+use crate::cors::{self, Decision, PreflightAnswer};
 use crate::engine::{Verdict, decide};
 
 use super::errors::{self, ProxyError, chain};
@@ -21,7 +21,7 @@ use super::forward::upstream_request;
 use super::hop;
 use super::observe::{Observed, Record, Report};
 use super::server::ConnState;
-use super::{Shared, upgrade};
+use super::{Shared, target, upgrade};
 
 /// What the client receives: the app's streamed body or one the agent made.
 pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
@@ -35,15 +35,27 @@ pub(super) async fn handle(
     let in_flight = conn.request_started();
     // One snapshot per request: a reload mid-request does not change its answer.
     let snapshot = shared.snapshot();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
 
-    let Verdict { hit, decision, .. } = decide(
-        &snapshot.table,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        snapshot.unmatched,
-    );
+    // Before routing: the route must be chosen for the host and path the app will see.
+    let admitted = target::admit(&mut parts);
+    let (hit, decision) = if admitted.is_ok() {
+        let Verdict { hit, decision, .. } = decide(
+            &snapshot.table,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            snapshot.unmatched,
+        );
+        (hit, decision)
+    } else {
+        // No route for a request that names no clear resource: Gateway-level policies
+        // only, as for a 404.
+        let kind = cors::classify(&parts.method, &parts.headers);
+        let policy = snapshot.table.fallback_policies().first();
+        let decision = cors::evaluate(&kind, policy.map(|p| &p.policy), snapshot.unmatched);
+        (None, decision)
+    };
     let record = Record {
         started,
         method: parts.method.clone(),
@@ -69,6 +81,8 @@ pub(super) async fn handle(
     } else if parts.method == Method::CONNECT {
         // A reverse proxy in front of one app has no business opening tunnels to elsewhere.
         Err(ProxyError::ConnectNotSupported)
+    } else if let Err(err) = admitted {
+        Err(err)
     } else {
         match (&decision, hit.is_some()) {
             (Decision::Answer(answer), _) => Ok(preflight(answer)),
