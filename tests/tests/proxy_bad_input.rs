@@ -436,3 +436,20 @@ async fn a_broken_request_body_is_the_clients_fault_not_the_apps() {
     );
     still_serving(&agent).await;
 }
+
+#[test]
+fn absurd_durations_are_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = write_resources(dir.path(), "r.yaml", APP_ROUTE);
+    for flag in ["--header-read-timeout", "--idle-timeout", "--drain-timeout"] {
+        for value in ["18446744073709551615h", "25h"] {
+            let (status, log) = AgentBuilder::new("127.0.0.1:9".parse().unwrap(), &resources)
+                .arg(flag)
+                .arg(value)
+                .run_to_exit(Duration::from_secs(10))
+                .unwrap();
+            assert_eq!(status.code(), Some(2), "{flag} {value}: {log}");
+            assert!(log.contains("at most 1 day"), "{flag} {value}: {log}");
+        }
+    }
+}

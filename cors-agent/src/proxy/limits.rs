@@ -114,7 +114,11 @@ impl Limits {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+/// The longest duration a limit flag takes. Longer timeouts are a typo or an attempt to turn
+/// one off, and deadlines computed from absurd values overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds; at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -124,17 +128,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{text:?}: expected a number with a unit, e.g. 500ms, 5s, 2m"))?;
+    let too_long = || format!("{text:?}: must be at most 1 day (24h)");
+    let secs = |factor: u64| n.checked_mul(factor).map(Duration::from_secs);
     let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => {
             return Err(format!(
                 "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
             ));
         }
     };
+    let d = d.filter(|d| *d <= MAX_DURATION).ok_or_else(too_long)?;
     if d.is_zero() {
         return Err(format!("{text:?}: must be more than zero"));
     }
@@ -154,6 +161,29 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn durations_are_at_most_a_day() {
+        assert_eq!(parse_duration("24h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("86400"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("1440m"), Ok(MAX_DURATION));
+        for text in [
+            "25h",
+            "86401s",
+            "86400001ms",
+            "18446744073709551615h",
+            "18446744073709551615m",
+            "18446744073709551615",
+            "18446744073709551615ms",
+            "99999999999999999999999s",
+        ] {
+            let err = parse_duration(text).expect_err(text);
+            assert!(
+                err.contains("at most 1 day") || err.contains("expected a number"),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]
