@@ -453,3 +453,36 @@ fn absurd_durations_are_refused_at_startup() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_header_fields_get_431_with_cors_headers_over_both_protocols() {
+    let backend = Backend::start(Reply::default()).await;
+    let (agent, _dir) = start(&backend, &[]).await;
+    for proto in [Proto::Http1, Proto::H2c] {
+        // Under 100 fields is fine. (The test app, hyper too, takes 100 lines at most, and
+        // the agent adds three forwarding headers.)
+        let mut req = allowed("/many");
+        for i in 0..90 {
+            req = req.header(&format!("X-F{i}"), "1");
+        }
+        let reply = client::send(proto, agent.addr(), None, &req).await.unwrap();
+        assert_eq!(reply.status, 200, "{proto}: {reply:?}");
+        let mut req = allowed("/many");
+        for i in 0..150 {
+            req = req.header(&format!("X-F{i}"), "1");
+        }
+        let reply = client::send(proto, agent.addr(), None, &req).await.unwrap();
+        assert_eq!(reply.status, 431, "{proto}: {reply:?}");
+        assert_eq!(
+            &reply.body[..],
+            b"cors-agent: request header fields too large\n",
+            "{proto}: answered by the agent, not the app"
+        );
+        assert_eq!(
+            reply.header("access-control-allow-origin"),
+            Some(ORIGIN),
+            "{proto}"
+        );
+    }
+    still_serving(&agent).await;
+}

@@ -19,6 +19,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("request head is larger than {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("request has more than {limit} header fields")]
+    TooManyHeaders { limit: usize },
     #[error("cannot forward the request: {0}")]
     BadRequest(&'static str),
     #[error("cannot forward the request: {0}")]
@@ -55,7 +57,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             Self::BadRequest(_) | Self::BadPath(_) | Self::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -75,6 +79,7 @@ impl ProxyError {
         match self {
             Self::NoRoute
             | Self::HeadersTooLarge { .. }
+            | Self::TooManyHeaders { .. }
             | Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::ClientBody { .. }
@@ -91,7 +96,9 @@ impl ProxyError {
     fn body(&self) -> &'static str {
         match self {
             Self::NoRoute => "cors-agent: no route matches this request\n",
-            Self::HeadersTooLarge { .. } => "cors-agent: request header fields too large\n",
+            Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
+                "cors-agent: request header fields too large\n"
+            }
             Self::BadRequest(_) | Self::BadPath(_) => "cors-agent: bad request\n",
             Self::ConnectNotSupported => "cors-agent: CONNECT is not supported\n",
             Self::ClientBody { .. } => "cors-agent: the request body could not be read\n",

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use http::header::COOKIE;
 use http::request::Parts;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -72,7 +73,19 @@ impl Default for Limits {
     }
 }
 
+/// Header fields a request may have; more get 431 with CORS headers, over HTTP/1.1 and HTTP/2
+/// alike. The `cookie` crumbs HTTP/2 clients send as separate fields count as one, as HTTP/1.1
+/// sends them. hyper itself refuses HTTP/1.1 heads with more than twice as many lines (a bare
+/// 431), as it does for bytes.
+pub const MAX_REQUEST_HEADER_FIELDS: usize = 100;
+
 impl Limits {
+    /// Whether the request has more header fields than [`MAX_REQUEST_HEADER_FIELDS`].
+    pub(super) fn too_many_headers(&self, parts: &Parts) -> bool {
+        let cookies = parts.headers.get_all(COOKIE).iter().count();
+        parts.headers.len() - cookies.saturating_sub(1) > MAX_REQUEST_HEADER_FIELDS
+    }
+
     /// Whether the request head is over the limit, counted the way HTTP/1.1 sends it.
     pub(super) fn head_too_large(&self, parts: &Parts) -> bool {
         let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
@@ -104,6 +117,7 @@ impl Limits {
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(hard_cap)
+            .max_headers(2 * MAX_REQUEST_HEADER_FIELDS)
             .keep_alive(true);
         builder
             .http2()
@@ -198,5 +212,24 @@ mod tests {
             .headers
             .insert("x-big", "a".repeat(100).parse().unwrap());
         assert!(limits.head_too_large(&parts));
+    }
+
+    #[test]
+    fn header_fields_are_counted_with_cookie_crumbs_as_one() {
+        let limits = Limits::default();
+        let (mut parts, ()) = http::Request::get("/x").body(()).unwrap().into_parts();
+        for i in 0..MAX_REQUEST_HEADER_FIELDS {
+            parts
+                .headers
+                .append("cookie", format!("c{i}=1").parse().unwrap());
+        }
+        for i in 0..MAX_REQUEST_HEADER_FIELDS - 1 {
+            parts
+                .headers
+                .append("x-many", format!("{i}").parse().unwrap());
+        }
+        assert!(!limits.too_many_headers(&parts));
+        parts.headers.append("x-one-more", "1".parse().unwrap());
+        assert!(limits.too_many_headers(&parts));
     }
 }

@@ -19,6 +19,7 @@ use crate::engine::{Verdict, decide};
 use super::errors::{self, ProxyError, chain};
 use super::forward::upstream_request;
 use super::hop;
+use super::limits::MAX_REQUEST_HEADER_FIELDS;
 use super::observe::{Observed, Record, Report};
 use super::server::ConnState;
 use super::{Shared, target, upgrade};
@@ -77,6 +78,10 @@ pub(super) async fn handle(
     let result = if shared.limits.head_too_large(&parts) {
         Err(ProxyError::HeadersTooLarge {
             limit: shared.limits.max_request_header_bytes,
+        })
+    } else if shared.limits.too_many_headers(&parts) {
+        Err(ProxyError::TooManyHeaders {
+            limit: MAX_REQUEST_HEADER_FIELDS,
         })
     } else if parts.method == Method::CONNECT {
         // A reverse proxy in front of one app has no business opening tunnels to elsewhere.
