@@ -148,6 +148,8 @@ fn default_cpus(args: &Bench) -> (Option<String>, Option<String>) {
 
 pub fn run(args: Bench) -> Result<()> {
     let started = Instant::now();
+    // Before our own build and load generators: how busy the machine was to begin with.
+    let load_before = load_average();
     setup::require_root()?;
     setup::install_tools(!args.no_install)?;
     let agent = setup::build_agent()?;
@@ -156,9 +158,8 @@ pub fn run(args: Bench) -> Result<()> {
     let out_dir = setup::target_dir().join("bench");
     let work = out_dir.join(format!("work-{}", std::process::id()));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let load_before = load_average();
     println!(
-        "bench: {} round(s) of {} s per run, load generator on cpus {:?}, servers on {:?}, load {load_before}",
+        "bench: {} round(s) of {} s per run, load generator on cpus {:?}, servers on {:?}, load average before {load_before}",
         plan.rounds, plan.seconds, plan.loadgen_cpus, plan.server_cpus
     );
 
@@ -223,6 +224,8 @@ fn measure_all(
     let loadgen = LoadGen::new(&topo.client, plan.loadgen_cpus.clone(), work)?;
     let mut runs = Vec::new();
     for round in 1..=plan.rounds {
+        // The bench's own load is ~2 (two busy cores); more means others are running.
+        println!("bench: round {round}, load average {}", load_average());
         for (w, i) in plan.round(round - 1) {
             let m = measure(&mut systems[i], w, &loadgen, round, plan).with_context(|| {
                 format!("round {round}: {} on {}", w.id(), plan.systems[i].label())
@@ -326,8 +329,10 @@ fn publish(
     let summaries = report::summarize(runs);
     let targets = report::targets(&summaries, memory);
     let mut md = format!(
-        "Command: `{}`; load average before {}, after {}.\n\n{}",
+        "Command: `{}` at commit {}; load average (1, 5, 15 min) before the run {}, after it \
+         {} (the bench's own load included).\n\n{}",
         record["command"].as_str().unwrap_or(""),
+        record["git"].as_str().unwrap_or(""),
         record["load_before"].as_str().unwrap_or(""),
         record["load_after"].as_str().unwrap_or(""),
         report::table(&summaries)
