@@ -381,27 +381,7 @@ fn typed<S: DeserializeOwned>(
     let object = match serde_path_to_error::deserialize::<_, Object<S>>(value) {
         Ok(o) => o,
         Err(e) => {
-            let mut field = e.path().to_string();
-            let mut reason = e.inner().to_string();
-            if let Some(unknown) = reason
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split_once('`'))
-                .map(|(f, _)| f.to_string())
-            {
-                // serde_path_to_error already ends the path with the unknown key.
-                if field == "." {
-                    field = unknown.clone();
-                } else if !field.ends_with(&unknown) {
-                    field = format!("{field}.{unknown}");
-                }
-                reason = format!(
-                    "unknown field {unknown:?} (the API server would reject it); {}",
-                    reason.split_once(", ").map(|(_, r)| r).unwrap_or("")
-                );
-            }
-            if field == "." {
-                field.clear();
-            }
+            let (field, reason) = serde_message(&e, " (the API server would reject it)");
             diags.push(diag(field, reason));
             return None;
         }
@@ -422,6 +402,36 @@ fn typed<S: DeserializeOwned>(
         lines: ctx.lines,
         prefix: ctx.prefix,
     })
+}
+
+/// Field path and reason of a serde error, with an unknown field named in the path;
+/// `note` follows "unknown field NAME".
+pub fn serde_message(
+    e: &serde_path_to_error::Error<serde_json::Error>,
+    note: &str,
+) -> (String, String) {
+    let mut field = e.path().to_string();
+    let mut reason = e.inner().to_string();
+    if let Some(unknown) = reason
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f.to_string())
+    {
+        // serde_path_to_error already ends the path with the unknown key.
+        if field == "." {
+            field = unknown.clone();
+        } else if !field.ends_with(&unknown) {
+            field = format!("{field}.{unknown}");
+        }
+        reason = format!(
+            "unknown field {unknown:?}{note}; {}",
+            reason.split_once(", ").map_or("", |(_, r)| r)
+        );
+    }
+    if field == "." {
+        field.clear();
+    }
+    (field, reason)
 }
 
 fn is_dns_label(s: &str) -> bool {

@@ -7,5 +7,5 @@ pub mod spec;
 pub mod yaml;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
-pub use load::{Loaded, ResourceId, Resources, load};
+pub use load::{Loaded, ResourceId, Resources, load, serde_message};
 pub use yaml::LineIndex;

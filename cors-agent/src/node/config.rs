@@ -18,7 +18,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::config::yaml::{self, LineIndex};
-use crate::config::{Diagnostic, Diagnostics, Severity};
+use crate::config::{Diagnostic, Diagnostics, Severity, serde_message};
 use crate::cors::UnmatchedPreflights;
 use crate::routes::ServiceRef;
 use crate::steer::{DEFAULT_PIN_ROOT, FailMode, NetNs, pin_dir_name};
@@ -226,7 +226,7 @@ pub fn load(path: &Path) -> Result<NodeConfig, Diagnostics> {
     let spec = match serde_path_to_error::deserialize::<_, NodeConfigSpec>(doc.value.clone()) {
         Ok(s) => s,
         Err(e) => {
-            let (field, reason) = serde_message(&e);
+            let (field, reason) = serde_message(&e, "");
             let line = doc.lines.line_of(&field).or(Some(doc.line));
             diags.push(file_error(
                 line,
@@ -246,31 +246,6 @@ pub fn load(path: &Path) -> Result<NodeConfig, Diagnostics> {
         Some(config) if !diags.has_errors() => Ok(config),
         _ => Err(diags),
     }
-}
-
-/// Field path and reason of a serde error, with unknown fields named in the path.
-fn serde_message(e: &serde_path_to_error::Error<serde_json::Error>) -> (String, String) {
-    let mut field = e.path().to_string();
-    let mut reason = e.inner().to_string();
-    if let Some(unknown) = reason
-        .strip_prefix("unknown field `")
-        .and_then(|r| r.split_once('`'))
-        .map(|(f, _)| f.to_string())
-    {
-        if field == "." {
-            field = unknown.clone();
-        } else if !field.ends_with(&unknown) {
-            field = format!("{field}.{unknown}");
-        }
-        reason = format!(
-            "unknown field {unknown:?}; {}",
-            reason.split_once(", ").map_or("", |(_, r)| r)
-        );
-    }
-    if field == "." {
-        field.clear();
-    }
-    (field, reason)
 }
 
 struct Checker<'a> {
