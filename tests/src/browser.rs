@@ -33,7 +33,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -699,56 +698,6 @@ async fn page(
     r.headers_mut()
         .insert("cache-control", http::HeaderValue::from_static("no-store"));
     Ok(r)
-}
-
-/// A throwaway CA whose PEM can be handed to Chromium's NSS database.
-pub struct BrowserCa {
-    params: CertificateParams,
-    key: KeyPair,
-    pub pem: String,
-}
-
-impl Default for BrowserCa {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl BrowserCa {
-    pub fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "cors-agent browser test CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("CA certificate");
-        Self {
-            pem: cert.pem(),
-            params,
-            key,
-        }
-    }
-
-    /// A server certificate for `names`, as (certificate PEM, key PEM).
-    pub fn issue(&self, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names.first().cloned().unwrap_or_default(),
-        );
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().expect("leaf key");
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
-        (cert.pem(), key.serialize_pem())
-    }
 }
 
 /// A rustls server configuration (HTTP/1.1) for a PEM certificate and key.

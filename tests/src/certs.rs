@@ -11,6 +11,8 @@ pub struct TestCa {
     params: CertificateParams,
     key: KeyPair,
     der: CertificateDer<'static>,
+    /// The CA certificate as PEM, e.g. for a browser's trust store.
+    pub pem: String,
 }
 
 /// A leaf certificate and its key, PEM encoded.
@@ -44,6 +46,7 @@ impl TestCa {
             params,
             key,
             der: cert.der().clone(),
+            pem: cert.pem(),
         }
     }
 
@@ -55,6 +58,8 @@ impl TestCa {
             DnType::CommonName,
             names.first().cloned().unwrap_or_default(),
         );
+        // Browsers insist on serverAuth; rustls clients accept it too.
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().expect("leaf key");
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).expect("leaf certificate");

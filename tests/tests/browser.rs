@@ -38,7 +38,8 @@ use serde_json::{Value, json};
 
 use cors_agent_tests::agent::{AgentBuilder, write_resources};
 use cors_agent_tests::backend::{Backend, Reply, Seen};
-use cors_agent_tests::browser::{BrowserCa, Chromium, Launch, PageServer, Tab, server_tls};
+use cors_agent_tests::browser::{Chromium, Launch, PageServer, Tab, server_tls};
+use cors_agent_tests::certs::TestCa;
 use cors_agent_tests::client::{self, Req};
 use cors_agent_tests::cluster::{Cluster, NodeAgent, NodeConfig, PodEntry, PortEntry};
 use cors_agent_tests::netns::require_root;
@@ -622,8 +623,9 @@ async fn core_cases(suite: &mut Suite<'_>, t: &Target<'_>) {
 async fn chromium_obeys_the_policies_cors_agent_proxy_enforces() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ca = BrowserCa::new();
-    let (page_cert, page_key) = ca.issue(&PAGE_NAMES);
+    let ca = TestCa::new();
+    let page_leaf = ca.issue(&PAGE_NAMES);
+    let (page_cert, page_key) = (page_leaf.cert_pem, page_leaf.key_pem);
     let (page_ip, _https_pages) = bind_https_pages(server_tls(&page_cert, &page_key).unwrap());
     let http_page_server =
         PageServer::start(SocketAddr::from((page_ip, 0)), PAGE_HTML, None).unwrap();
@@ -632,7 +634,8 @@ async fn chromium_obeys_the_policies_cors_agent_proxy_enforces() {
 
     let app = Backend::start(app_reply()).await;
     let resources = write_policy(dir.path(), &http_page, &https_page);
-    let (api_cert, api_key) = ca.issue(&["api.example.test"]);
+    let api_leaf = ca.issue(&["api.example.test"]);
+    let (api_cert, api_key) = (api_leaf.cert_pem, api_leaf.key_pem);
     std::fs::write(dir.path().join("api.pem"), &api_cert).unwrap();
     std::fs::write(dir.path().join("api-key.pem"), &api_key).unwrap();
     let http_api = AgentBuilder::new(app.addr, &resources)
@@ -773,13 +776,14 @@ async fn steered_pod() {
     let started = Instant::now();
     let cluster = Cluster::new(&["api"]).expect("cluster");
     let dir = tempfile::tempdir().unwrap();
-    let ca = BrowserCa::new();
+    let ca = TestCa::new();
 
     // The pages live on the client namespace's loopback, where Chromium runs: HTTPS on 443
     // (the namespace is the test's own, so nothing else is there) and HTTP on any port.
     let client_ns = cluster.client().netns_path();
     let ns = NetNs::open(&client_ns).unwrap();
-    let (page_cert, page_key) = ca.issue(&PAGE_NAMES);
+    let page_leaf = ca.issue(&PAGE_NAMES);
+    let (page_cert, page_key) = (page_leaf.cert_pem, page_leaf.key_pem);
     let https_listener = ns.run(|| TcpListener::bind("127.0.0.1:443")).unwrap();
     let http_listener = ns.run(|| TcpListener::bind("127.0.0.1:0")).unwrap();
     let _https_pages = PageServer::serve(
@@ -797,7 +801,8 @@ async fn steered_pod() {
     let app = cluster.start_app("api", 8080, app_reply()).unwrap();
     let app_tls = cluster.start_app("api", 8443, app_reply()).unwrap();
     let resources = write_policy(dir.path(), &http_page, &https_page);
-    let (api_cert, api_key) = ca.issue(&["api.example.test"]);
+    let api_leaf = ca.issue(&["api.example.test"]);
+    let (api_cert, api_key) = (api_leaf.cert_pem, api_leaf.key_pem);
     let (cert, key) = (dir.path().join("api.pem"), dir.path().join("api-key.pem"));
     std::fs::write(&cert, &api_cert).unwrap();
     std::fs::write(&key, &api_key).unwrap();
