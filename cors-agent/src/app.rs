@@ -109,6 +109,12 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         }
     };
 
+    run_agent(serve(args, source, snapshot, resolver))
+}
+
+/// Runs an agent's async main (proxy or node mode) on a multi-threaded runtime, the access
+/// log batched while it runs and written out when it ends.
+pub(crate) fn run_agent(main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -119,7 +125,12 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args, source, snapshot, resolver)) {
+    let result = runtime.block_on(async {
+        crate::proxy::start_access_log();
+        main.await
+    });
+    crate::proxy::flush_access_log();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");

@@ -91,7 +91,14 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
         "exited only after {:?}: the drain waited for its timeout",
         signalled.elapsed()
     );
-    assert!(agent.log().contains("drained"), "log:\n{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("drained"), "log:\n{log}");
+    // The request that ended just before the exit was still logged: the batch was written.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cors_agent::access") && l.contains(r#"path="/slow""#)),
+        "no access-log line for the drained request:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,10 +162,27 @@ async fn admin_serves_health_metrics_and_the_configuration() {
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
-    let log = agent.log();
+    // Access-log lines are written in batches, a moment after the request.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = agent.log();
+        if log.matches("cors_agent::access").count() >= 6 || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("INFO cors_agent::access:"))
+        .collect();
+    assert_eq!(access.len(), 6, "one access-log line per request:\n{log}");
     assert!(
-        log.contains("cors_agent::access") && log.contains("cors=\"preflight_denied\""),
-        "one access-log line per request:\n{log}"
+        access
+            .iter()
+            .any(|l| l.contains(r#"cors="preflight_denied""#)
+                && l.contains(r#"policy="HTTPRoute default/app""#)
+                && l.contains(" route=default/app/0 ")),
+        "a denied preflight, its route and policy:\n{log}"
     );
 
     let dump = admin_get(&agent, "/config_dump").await;

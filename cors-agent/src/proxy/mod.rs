@@ -6,6 +6,7 @@
 //! process-wide [`Shared`] state: the configuration snapshot, the upstream client (whose
 //! [`Connect`] is the one thing node mode replaces), limits and metrics.
 
+mod access_log;
 mod errors;
 mod forward;
 mod hop;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 use crate::cors::UnmatchedPreflights;
 use crate::routes::{RouteHit, RouteTable};
 
+pub use access_log::{flush as flush_access_log, start_flusher as start_access_log};
 pub use errors::ProxyError;
 pub use forward::{BoxFuture, Connect, ConnectError, TcpConnect, UpstreamClient};
 pub use limits::{LimitArgs, Limits, parse_duration};

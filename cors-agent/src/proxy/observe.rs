@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cors::Outcome;
 
+use super::access_log;
 use super::server::InFlight;
 use super::{Labels, Shared};
 
@@ -371,29 +372,37 @@ impl Drop for Report {
             self.status,
             elapsed.as_secs_f64(),
         );
+        if !access_log::enabled() {
+            return;
+        }
         let host = r
             .host
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| r.uri.authority().map(|a| a.as_str()))
             .unwrap_or("-");
-        tracing::info!(
-            target: "cors_agent::access",
-            peer = %self.peer,
-            pod = self.shared.pod.as_deref(),
-            proto = ?r.version,
-            method = %r.method,
-            host,
-            path = r.uri.path(),
-            status = self.status,
-            route = %r.labels.route,
-            policy = %r.labels.policy,
-            cors = r.outcome.as_str(),
-            upstream = r.upstream.map(tracing::field::display),
-            bytes = self.bytes,
-            duration_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-            complete = self.complete,
-            error = r.error.as_deref(),
-        );
+        access_log::write_line(|line| {
+            line.plain("peer", self.peer);
+            if let Some(pod) = self.shared.pod.as_deref() {
+                line.quoted("pod", pod);
+            }
+            line.plain("proto", format_args!("{:?}", r.version))
+                .plain("method", &r.method)
+                .quoted("host", host)
+                .quoted("path", r.uri.path())
+                .plain("status", self.status)
+                .plain("route", &r.labels.route)
+                .quoted("policy", &r.labels.policy)
+                .quoted("cors", r.outcome.as_str());
+            if let Some(upstream) = r.upstream {
+                line.plain("upstream", upstream);
+            }
+            line.plain("bytes", self.bytes)
+                .plain("duration_ms", (elapsed.as_secs_f64() * 1e6).round() / 1e3)
+                .plain("complete", self.complete);
+            if let Some(error) = r.error.as_deref() {
+                line.quoted("error", error);
+            }
+        });
     }
 }

@@ -10,7 +10,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -44,8 +43,6 @@ pub(super) struct ConnState {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last response ended.
     idle_since_ms: AtomicU64,
-    /// Wakes the watchdog when a request starts or ends, so its deadline is recomputed.
-    changed: Notify,
 }
 
 /// A request in flight on its connection, until dropped.
@@ -57,7 +54,6 @@ impl Drop for InFlight {
         let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         conn.idle_since_ms.store(ms, Ordering::Relaxed);
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        conn.changed.notify_one();
     }
 }
 
@@ -65,11 +61,14 @@ impl ConnState {
     pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         InFlight(self.clone())
     }
 
     /// What the watchdog should do now, or when to look again.
+    ///
+    /// Requests start and end without waking the watchdog (that was a timer reset per
+    /// request): it looks again at least every `idle`, and a request only moves the idle
+    /// deadline later, so a connection still closes `idle` after its last response.
     fn watch(&self, header_read: Duration, idle: Duration) -> Watch {
         let now = Instant::now();
         if self.requests.load(Ordering::Relaxed) == 0 {
@@ -77,7 +76,7 @@ impl ConnState {
             return if now >= deadline {
                 Watch::NoRequest
             } else {
-                Watch::Later(deadline)
+                Watch::Later(deadline.min(now + idle))
             };
         }
         if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -119,7 +118,6 @@ where
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
-        changed: Notify::new(),
     });
     let Some(acceptor) = ctx.tls else {
         return serve_http(io, state, shared).await;
@@ -179,6 +177,7 @@ where
             }
         };
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     debug!(peer = %state.peer, error = %chain(&*e), "connection ended with an error");
@@ -190,7 +189,6 @@ where
                 closing = true;
             }
             () = tokio::time::sleep_until(next) => {}
-            () = state.changed.notified() => {}
         }
     }
 }
