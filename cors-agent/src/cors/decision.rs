@@ -255,3 +255,108 @@ pub fn evaluate<'p>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::header::VARY;
+    use http::{HeaderName, Method};
+
+    use super::*;
+    use crate::config::spec::CorsSpec;
+    use crate::cors::request::classify;
+
+    const ORIGIN: &str = "https://app.test";
+
+    fn policy(methods: &[&str], headers: &[&str]) -> CorsPolicy {
+        let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+        let spec = CorsSpec {
+            allow_origins: Some(vec![ORIGIN.into()]),
+            allow_methods: list(methods),
+            allow_headers: list(headers),
+            ..Default::default()
+        };
+        CorsPolicy::compile(&spec, None).unwrap().0
+    }
+
+    /// The headers of the agent's answer to a preflight from [`ORIGIN`].
+    fn answer(policy: &CorsPolicy, request_headers: Option<&str>) -> HeaderMap {
+        let mut request = HeaderMap::new();
+        request.insert("origin", HeaderValue::from_static(ORIGIN));
+        request.insert(
+            "access-control-request-method",
+            HeaderValue::from_static("PUT"),
+        );
+        if let Some(v) = request_headers {
+            request.insert("access-control-request-headers", v.parse().unwrap());
+        }
+        let kind = classify(&Method::OPTIONS, &request);
+        let Decision::Answer(answer) = evaluate(&kind, Some(policy), UnmatchedPreflights::Local)
+        else {
+            panic!("a preflight is answered by the agent");
+        };
+        let mut headers = HeaderMap::new();
+        answer.write_headers(&mut headers);
+        headers
+    }
+
+    fn header(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
+        headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    #[test]
+    fn vary_names_the_request_headers_an_answer_echoes() {
+        let any = policy(&["*"], &["*"]);
+        let headers = answer(&any, Some("x-trace ,content-type"));
+        assert_eq!(header(&headers, ACCESS_CONTROL_ALLOW_METHODS), Some("PUT"));
+        assert_eq!(
+            header(&headers, ACCESS_CONTROL_ALLOW_HEADERS),
+            Some("x-trace, content-type")
+        );
+        assert_eq!(
+            header(&headers, VARY),
+            Some("Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
+        );
+
+        let methods_only = answer(&policy(&["*"], &["x-trace"]), Some("x-trace"));
+        assert_eq!(
+            header(&methods_only, VARY),
+            Some("Origin, Access-Control-Request-Method")
+        );
+        let headers_only = answer(&policy(&["GET", "PUT"], &["*"]), Some("x-trace"));
+        assert_eq!(
+            header(&headers_only, VARY),
+            Some("Origin, Access-Control-Request-Headers")
+        );
+    }
+
+    #[test]
+    fn fixed_lists_vary_on_origin_alone() {
+        let headers = answer(&policy(&["GET", "PUT"], &["x-trace"]), Some("x-trace"));
+        assert_eq!(
+            header(&headers, ACCESS_CONTROL_ALLOW_METHODS),
+            Some("GET,PUT")
+        );
+        assert_eq!(
+            header(&headers, ACCESS_CONTROL_ALLOW_HEADERS),
+            Some("x-trace")
+        );
+        assert_eq!(header(&headers, VARY), Some("Origin"));
+    }
+
+    #[test]
+    fn any_header_without_request_headers_sends_no_allow_headers() {
+        for asked in [None, Some(""), Some(" , ")] {
+            let headers = answer(&policy(&["PUT"], &["*"]), asked);
+            assert_eq!(
+                header(&headers, ACCESS_CONTROL_ALLOW_HEADERS),
+                None,
+                "{asked:?}"
+            );
+            assert_eq!(
+                header(&headers, ACCESS_CONTROL_ALLOW_ORIGIN),
+                Some(ORIGIN),
+                "{asked:?}"
+            );
+        }
+    }
+}
