@@ -12,6 +12,7 @@ mod forward;
 mod hop;
 mod limits;
 mod observe;
+mod park;
 mod path;
 mod pipeline;
 pub mod reload;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
@@ -51,6 +53,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The pod this state serves (node mode): a label on request metrics and access logs.
     pub pod: Option<Arc<str>>,
+    /// Plain HTTP/1.1 connections.
+    http1: http1::Builder,
+    /// TLS connections, and plain ones that start like HTTP/2.
     http: auto::Builder<TokioExecutor>,
     /// `true` once the agent is draining. Every connection holds a receiver, so
     /// [`Shared::drained`] resolves when the last one is gone.
@@ -83,6 +88,7 @@ impl Shared {
         Arc::new(Self {
             config: ArcSwap::new(snapshot),
             upstream,
+            http1: limits.http1_builder(),
             http: limits.http_builder(),
             limits,
             metrics,

@@ -21,7 +21,7 @@ use super::forward::upstream_request;
 use super::hop;
 use super::limits::MAX_REQUEST_HEADER_FIELDS;
 use super::observe::{Observed, Record, Report};
-use super::server::ConnState;
+use super::server::{ConnState, InFlight};
 use super::{Shared, target, upgrade};
 
 /// What the client receives: the app's streamed body or one the agent made.
@@ -29,11 +29,11 @@ pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
 
 pub(super) async fn handle(
     req: Request<Incoming>,
+    in_flight: InFlight,
     conn: Arc<ConnState>,
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let in_flight = conn.request_started();
     // One snapshot per request: a reload mid-request does not change its answer.
     let snapshot = shared.snapshot();
     let (mut parts, body) = req.into_parts();

@@ -1,21 +1,35 @@
-//! Connections: accept, TLS, then hyper's HTTP/1.1 + HTTP/2 server over any byte stream.
+//! Connections: accept, TLS, then hyper's HTTP/1.1 + HTTP/2 server.
 
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::UPGRADE;
 use http::uri::Authority;
-use hyper::service::service_fn;
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::errors::chain;
-use super::{Shared, pipeline};
+use super::limits::Limits;
+use super::park::{IdleProbe, ParkIo};
+use super::{ProxyBody, Shared, pipeline};
 
 /// Where a connection came from and where its requests go. Proxy mode and node mode both
 /// build one and call [`serve_connection`].
@@ -43,6 +57,8 @@ pub(super) struct ConnState {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last response ended.
     idle_since_ms: AtomicU64,
+    /// What the socket saw of hyper, on a plain HTTP/1.1 connection.
+    pub probe: IdleProbe,
 }
 
 /// A request in flight on its connection, until dropped.
@@ -53,15 +69,28 @@ impl Drop for InFlight {
         let conn = &self.0;
         let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         conn.idle_since_ms.store(ms, Ordering::Relaxed);
+        conn.probe.response_ended();
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ConnState {
-    pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
+    /// Counts a request from the moment hyper hands it over; `quiet` when it has no body and
+    /// asks for no upgrade.
+    fn request_started(self: &Arc<Self>, quiet: bool) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.probe.request_started(quiet);
         InFlight(self.clone())
+    }
+
+    pub(super) fn has_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether hyper waits for the next request with nothing in flight and nothing to write.
+    fn between_requests(&self) -> bool {
+        !self.has_in_flight() && self.probe.can_park()
     }
 
     /// What the watchdog should do now, or when to look again.
@@ -79,7 +108,7 @@ impl ConnState {
                 Watch::Later(deadline.min(now + idle))
             };
         }
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.has_in_flight() {
             return Watch::Later(now + idle);
         }
         let idle_since =
@@ -100,14 +129,31 @@ enum Watch {
     Idle,
 }
 
+impl Watch {
+    fn log(&self, state: &ConnState) {
+        match self {
+            Watch::Later(_) => {}
+            Watch::NoRequest => {
+                debug!(peer = %state.peer, "no request within the header read timeout; closing");
+            }
+            Watch::Idle => debug!(peer = %state.peer, "idle; closing"),
+        }
+    }
+}
+
 /// Serves one client connection to the end: TLS if the context asks for it, then HTTP/1.1 or
 /// HTTP/2 (prior knowledge, or by ALPN under TLS). Errors are logged, never returned: a
 /// broken connection is the client's business.
-pub async fn serve_connection<IO>(io: IO, ctx: ConnContext, shared: Arc<Shared>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let _open = OpenConnection::new(&shared);
+///
+/// The future is what an idle connection costs (one task each), so it holds little: the
+/// context is taken apart before it starts, and every busy stretch (a TLS session, a hyper
+/// connection) lives in a box of its own.
+pub fn serve_connection(
+    stream: TcpStream,
+    ctx: ConnContext,
+    shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send {
+    let open = OpenConnection::new(&shared);
     debug!(peer = %ctx.peer, local = %ctx.local, upstream = %ctx.upstream, tls = ctx.tls.is_some(), "connection");
     let state = Arc::new(ConnState {
         peer: ctx.peer,
@@ -118,20 +164,14 @@ where
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
+        probe: IdleProbe::default(),
     });
-    let Some(acceptor) = ctx.tls else {
-        return serve_http(io, state, shared).await;
-    };
-    let handshake = tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(io));
-    match handshake.await {
-        Ok(Ok(stream)) => serve_http(stream, state, shared).await,
-        Ok(Err(e)) => {
-            shared.metrics.tls_handshake_failed();
-            debug!(peer = %ctx.peer, error = %e, "TLS handshake failed");
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            debug!(peer = %ctx.peer, "TLS handshake timed out");
+    let tls = ctx.tls;
+    async move {
+        let _open = open;
+        match tls {
+            Some(acceptor) => Box::pin(serve_tls(stream, acceptor, state, shared)).await,
+            None => serve_plain(stream, state, shared).await,
         }
     }
 }
@@ -141,51 +181,229 @@ fn authority_of(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("invalid"))
 }
 
-async fn serve_http<IO>(io: IO, state: Arc<ConnState>, shared: Arc<Shared>)
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+) {
+    let handshake =
+        tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(stream)) => serve_auto(stream, &state, &shared).await,
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake_failed();
+            debug!(peer = %state.peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failed();
+            debug!(peer = %state.peer, "TLS handshake timed out");
+        }
+    }
+}
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Plain TCP. HTTP/1.1 is served one busy stretch at a time, with the socket parked between
+/// requests (see `park.rs`); HTTP/2 with prior knowledge, and anything that starts like it,
+/// goes to hyper-util's server for good.
+async fn serve_plain(mut stream: TcpStream, state: Arc<ConnState>, shared: Arc<Shared>) {
+    let mut drain = shared.drain_signal();
+    let limits = &shared.limits;
+    // A fresh socket may report itself readable before any byte came (Tokio says so), so the
+    // first wait peeks; after hyper has read to `WouldBlock`, readiness is exact.
+    let mut start = [0; H2_PREFACE.len()];
+    let peek = |cx: &mut Context<'_>| stream.poll_peek(cx, &mut ReadBuf::new(&mut start));
+    match park(peek, &state, limits, &mut drain).await {
+        None | Some(0) => return,
+        Some(n) if H2_PREFACE.starts_with(&start[..n]) => {
+            return Box::pin(serve_auto(stream, &state, &shared)).await;
+        }
+        Some(_) => {}
+    }
+    let mut prefix = Bytes::new();
+    loop {
+        let io = ParkIo {
+            stream,
+            prefix,
+            conn: state.clone(),
+        };
+        let Some((back, ahead)) = Box::pin(serve_h1(io, &state, &shared, &mut drain)).await else {
+            return;
+        };
+        (stream, prefix) = (back, ahead);
+        let readable = |cx: &mut Context<'_>| stream.poll_read_ready(cx);
+        if prefix.is_empty() && park(readable, &state, limits, &mut drain).await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Waits until `ready` (the client's next bytes) holding only the socket; `None` when the
+/// connection should close instead: the agent drains, the client stays silent or idle too
+/// long, or the socket fails. `ready` is polled rather than awaited: the socket keeps its
+/// reader's waker itself, so the wait stores no future of its own.
+async fn park<T>(
+    mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<T>>,
+    state: &ConnState,
+    limits: &Limits,
+    drain: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    if *drain.borrow_and_update() {
+        return None;
+    }
+    loop {
+        let next = match state.watch(limits.header_read_timeout, limits.idle_timeout) {
+            Watch::Later(at) => at,
+            close => {
+                close.log(state);
+                return None;
+            }
+        };
+        let mut deadline = pin!(tokio::time::sleep_until(next));
+        let mut drained = pin!(drain.changed());
+        let woke = poll_fn(|cx| {
+            if let Poll::Ready(result) = ready(cx) {
+                return Poll::Ready(Some(result.ok()));
+            }
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(None));
+            }
+            deadline.as_mut().poll(cx).map(|()| None)
+        });
+        if let Some(result) = woke.await {
+            return result;
+        }
+    }
+}
+
+/// HTTP/1.1 on a fresh hyper connection, until the connection ends (`None`) or hyper waits
+/// for the next request with everything written: then the socket comes back, with whatever
+/// hyper had read of the next request.
+async fn serve_h1(
+    io: ParkIo,
+    state: &Arc<ConnState>,
+    shared: &Arc<Shared>,
+    drain: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, Bytes)> {
+    state.probe.reset();
+    let mut conn = shared
+        .http1
+        .serve_connection(TokioIo::new(io), service(state, shared))
+        .with_upgrades();
+    let shutdown =
+        |c: Pin<&mut _>| hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c);
+    match drive(Pin::new(&mut conn), shutdown, state, shared, drain, true).await {
+        Driven::Ended => None,
+        Driven::Parked => {
+            // `None` only after an upgrade, which ends the connection instead.
+            let parts = conn.into_parts()?;
+            let io = parts.io.into_inner();
+            // Copied, even when empty: a slice of hyper's read buffer keeps all of it alive.
+            let ahead = match (parts.read_buf.is_empty(), io.prefix.is_empty()) {
+                (true, true) => Bytes::new(),
+                _ => [&parts.read_buf[..], &io.prefix[..]].concat().into(),
+            };
+            Some((io.stream, ahead))
+        }
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 as hyper-util's server finds it, to the end of the connection.
+async fn serve_auto<IO>(io: IO, state: &Arc<ConnState>, shared: &Arc<Shared>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = {
-        let state = state.clone();
-        let shared = shared.clone();
-        service_fn(move |req| pipeline::handle(req, state.clone(), shared.clone()))
-    };
     let conn = shared
         .http
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
+        .serve_connection_with_upgrades(TokioIo::new(io), service(state, shared));
     tokio::pin!(conn);
     let mut drain = shared.drain_signal();
+    let shutdown = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+    drive(conn.as_mut(), shutdown, state, shared, &mut drain, false).await;
+}
+
+/// The pipeline as hyper calls it, once per request.
+fn service(
+    state: &Arc<ConnState>,
+    shared: &Arc<Shared>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let state = state.clone();
+    let shared = shared.clone();
+    service_fn(move |req: Request<Incoming>| {
+        let quiet = req.body().is_end_stream() && !req.headers().contains_key(UPGRADE);
+        let in_flight = state.request_started(quiet);
+        pipeline::handle(req, in_flight, state.clone(), shared.clone())
+    })
+}
+
+enum Driven {
+    Ended,
+    /// hyper is between requests, with nothing left to write.
+    Parked,
+}
+
+/// Polls a hyper connection to its end, closing it gracefully when the agent drains or the
+/// watchdog says so; with `may_park`, stops as soon as it is between requests.
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    shutdown: impl Fn(Pin<&mut C>),
+    state: &ConnState,
+    shared: &Shared,
+    drain: &mut watch::Receiver<bool>,
+    may_park: bool,
+) -> Driven
+where
+    C: Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limits = &shared.limits;
     let mut closing = false;
     if *drain.borrow_and_update() {
-        conn.as_mut().graceful_shutdown();
+        shutdown(conn.as_mut());
         closing = true;
     }
     loop {
         let next = match state.watch(limits.header_read_timeout, limits.idle_timeout) {
             Watch::Later(at) => at,
-            Watch::NoRequest => {
-                debug!(peer = %state.peer, "no request within the header read timeout; closing");
-                return;
-            }
             Watch::Idle if closing => Instant::now() + limits.idle_timeout,
             Watch::Idle => {
-                debug!(peer = %state.peer, "idle; closing");
-                conn.as_mut().graceful_shutdown();
+                Watch::Idle.log(state);
+                shutdown(conn.as_mut());
                 closing = true;
                 continue;
             }
+            Watch::NoRequest => {
+                Watch::NoRequest.log(state);
+                return Driven::Ended;
+            }
         };
+        let step = poll_fn(|cx| match conn.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(Some(result)),
+            Poll::Pending if may_park && !closing && state.between_requests() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
         tokio::select! {
             biased;
-            result = conn.as_mut() => {
-                if let Err(e) = result {
+            step = step => return match step {
+                Some(Err(e)) => {
+                    let e = e.into();
                     debug!(peer = %state.peer, error = %chain(&*e), "connection ended with an error");
+                    Driven::Ended
                 }
-                return;
-            }
+                Some(Ok(())) => Driven::Ended,
+                None => Driven::Parked,
+            },
             _ = drain.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
                 closing = true;
             }
             () = tokio::time::sleep_until(next) => {}
