@@ -9,11 +9,12 @@ use tokio::net::TcpStream;
 
 use cors_agent_tests::agent::{APP_ROUTE, Agent, AgentBuilder, write_resources};
 use cors_agent_tests::backend::{Backend, Reply};
-use cors_agent_tests::client::{self, IO_TIMEOUT};
+use cors_agent_tests::client::{self, IO_TIMEOUT, Req};
 
 const ORIGIN: &str = "https://app.example.com";
-/// Long enough for the agent to see the connection idle and park it.
-const PAUSE: Duration = Duration::from_millis(300);
+/// Long enough for the agent to see the connection idle and park it (it looks after 100 ms
+/// between requests, and again every 100 ms).
+const PAUSE: Duration = Duration::from_millis(500);
 
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: www.example.com\r\nOrigin: {ORIGIN}\r\n\r\n")
@@ -25,7 +26,8 @@ async fn start(extra: &[&str]) -> (Backend, Agent, tempfile::TempDir) {
     let mut builder = AgentBuilder::new(
         backend.addr,
         write_resources(dir.path(), "r.yaml", APP_ROUTE),
-    );
+    )
+    .admin();
     for arg in extra {
         builder = builder.arg(arg);
     }
@@ -75,6 +77,21 @@ fn assert_answered(response: &str, path: &str) {
     );
 }
 
+/// `cors_agent_connections_idle`: connections parked without buffers.
+async fn idle_connections(agent: &Agent) -> u64 {
+    let reply = client::http1(agent.admin_addr(), &Req::get("admin", "/metrics"))
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&reply.body).into_owned();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cors_agent_connections_idle "))
+        .unwrap_or_else(|| panic!("no idle gauge in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_serves_requests_after_pauses() {
     let (backend, agent, _dir) = start(&[]).await;
@@ -84,9 +101,20 @@ async fn one_connection_serves_requests_after_pauses() {
         tcp.write_all(get(path).as_bytes()).await.unwrap();
         assert_answered(&read_response(&mut tcp, &mut pending).await, path);
         tokio::time::sleep(PAUSE).await;
+        // The wait for the next request happens outside hyper, holding only the socket.
+        assert_eq!(idle_connections(&agent).await, 1, "after {path}");
     }
     let paths: Vec<_> = backend.requests().into_iter().map(|s| s.path).collect();
     assert_eq!(paths, ["/one", "/two", "/three"]);
+    drop(tcp);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while idle_connections(&agent).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection is still counted idle"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

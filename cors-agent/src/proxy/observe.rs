@@ -76,6 +76,7 @@ pub struct Metrics {
     duration: HistogramFamily<RouteLabel>,
     connections: Counter,
     connections_open: Gauge,
+    connections_idle: Gauge,
     tls_handshake_errors: Counter,
     config_reloads: Family<ResultLabel, Counter>,
     config_generation: Gauge,
@@ -134,6 +135,13 @@ impl Metrics {
             "Client connections open now",
             connections_open.clone(),
         );
+        let connections_idle = Gauge::default();
+        registry.register(
+            "connections_idle",
+            "Plain HTTP/1.1 client connections waiting for their next request with their \
+             buffers given back",
+            connections_idle.clone(),
+        );
         let tls_handshake_errors = Counter::default();
         registry.register(
             "tls_handshake_errors",
@@ -166,6 +174,7 @@ impl Metrics {
             duration,
             connections,
             connections_open,
+            connections_idle,
             tls_handshake_errors,
             config_reloads,
             config_generation,
@@ -230,6 +239,14 @@ impl Metrics {
 
     pub(super) fn connection_closed(&self) {
         self.connections_open.dec();
+    }
+
+    pub(super) fn connection_parked(&self, parked: bool) {
+        if parked {
+            self.connections_idle.inc();
+        } else {
+            self.connections_idle.dec();
+        }
     }
 
     fn request_done(&self, pod: Option<&Arc<str>>, r: &Record, status: u16, seconds: f64) {
