@@ -5,10 +5,14 @@
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+
 use http::header::{
     CONNECTION, FORWARDED, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Version};
+
+use super::text;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -38,6 +42,24 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 /// Removes hop-by-hop headers from a message about to cross the agent. For an upgrade, the
 /// `Upgrade` header and `Connection: upgrade` are what the next hop needs, so they stay.
 pub(super) fn strip(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names, cheaper than a lookup for each: most messages have none.
+    let hop_by_hop = |name: &HeaderName| {
+        [
+            CONNECTION,
+            TRANSFER_ENCODING,
+            TE,
+            UPGRADE,
+            KEEP_ALIVE,
+            PROXY_CONNECTION,
+        ]
+        .contains(name)
+    };
+    if !headers.keys().any(hop_by_hop) {
+        if upgrade {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -100,39 +122,41 @@ pub(super) fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, tls: bool
     let proto = if tls { "https" } else { "http" };
     let ip = peer.ip();
 
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        None => HeaderValue::try_from(ip.to_string()),
-        Some(_) => {
-            let mut prior: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            let ip = ip.to_string();
-            prior.push(&ip);
-            HeaderValue::try_from(prior.join(", "))
+    let mut xff = Vec::with_capacity(64);
+    for prior in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(prior) = prior.to_str() {
+            xff.extend_from_slice(prior.as_bytes());
+            xff.extend_from_slice(b", ");
         }
-    };
-    if let Ok(v) = xff {
+    }
+    text::push_ip(&mut xff, ip);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 
     // RFC 7239: IPv6 addresses are bracketed and quoted; a host goes in a quoted-string.
-    let mut element = match ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
-    };
+    let mut element = Vec::with_capacity(64);
+    element.extend_from_slice(b"for=");
+    if ip.is_ipv6() {
+        element.extend_from_slice(b"\"[");
+        text::push_ip(&mut element, ip);
+        element.extend_from_slice(b"]\"");
+    } else {
+        text::push_ip(&mut element, ip);
+    }
+    element.extend_from_slice(b";proto=");
+    element.extend_from_slice(proto.as_bytes());
     if let Some(host) = headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .filter(|h| !h.is_empty() && !h.contains(['"', '\\']))
     {
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
+        element.extend_from_slice(b";host=\"");
+        element.extend_from_slice(host.as_bytes());
+        element.push(b'"');
     }
-    if let Ok(v) = HeaderValue::try_from(element) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(element)) {
         headers.append(FORWARDED, v);
     }
 }

@@ -18,6 +18,7 @@ mod pipeline;
 pub mod reload;
 mod server;
 mod target;
+mod text;
 mod upgrade;
 
 use std::collections::HashMap;

@@ -399,27 +399,39 @@ impl Drop for Report {
             .or_else(|| r.uri.authority().map(|a| a.as_str()))
             .unwrap_or("-");
         access_log::write_line(|line| {
-            line.plain("peer", self.peer);
+            line.addr("peer", self.peer);
             if let Some(pod) = self.shared.pod.as_deref() {
                 line.quoted("pod", pod);
             }
-            line.plain("proto", format_args!("{:?}", r.version))
-                .plain("method", &r.method)
+            line.plain("proto", version_name(r.version))
+                .plain("method", r.method.as_str())
                 .quoted("host", host)
                 .quoted("path", r.uri.path())
-                .plain("status", self.status)
+                .number("status", u64::from(self.status))
                 .plain("route", &r.labels.route)
                 .quoted("policy", &r.labels.policy)
                 .quoted("cors", r.outcome.as_str());
             if let Some(upstream) = r.upstream {
-                line.plain("upstream", upstream);
+                line.addr("upstream", upstream);
             }
-            line.plain("bytes", self.bytes)
-                .plain("duration_ms", (elapsed.as_secs_f64() * 1e6).round() / 1e3)
-                .plain("complete", self.complete);
+            line.number("bytes", self.bytes)
+                .millis("duration_ms", elapsed)
+                .flag("complete", self.complete);
             if let Some(error) = r.error.as_deref() {
                 line.quoted("error", error);
             }
         });
+    }
+}
+
+/// As `http::Version`'s `Debug` prints it.
+fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
     }
 }
