@@ -1,7 +1,8 @@
 //! `cargo xtask ci`: the whole test suite, as CI runs it. Installs what the tests need when it
 //! is missing, then runs formatting, lints, unit, integration and end-to-end tests (on this
 //! kernel, and the eBPF suites again in a VM on the oldest supported one), the eBPF object
-//! check and the demo's smoke run. Any step that cannot run fails the run.
+//! check, the demo's smoke run and the benchmark's (`bench --quick`). Any step that cannot run
+//! fails the run.
 
 use std::process::Command;
 use std::time::Instant;
@@ -39,6 +40,11 @@ pub fn run(_args: Ci) -> Result<()> {
     })?;
     step("demo smoke run", || {
         run_cmd(Command::new(&xtask).args(["demo", "--smoke"]))
+    })?;
+    // Checks that every system and workload of the benchmark still runs and answers
+    // correctly; it never fails on speed.
+    step("benchmark smoke run", || {
+        run_cmd(Command::new(&xtask).args(["bench", "--quick"]))
     })?;
     println!("\nci: every step passed in {:.0?}", started.elapsed());
     Ok(())
