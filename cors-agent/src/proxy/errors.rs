@@ -11,6 +11,7 @@ use http_body_util::Full;
 
 use crate::cors::ResponseEdits;
 
+use super::forward::ConnectError;
 use super::path::PathError;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,7 @@ pub enum ProxyError {
         addr: SocketAddr,
         timed_out: bool,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: ConnectError,
     },
     #[error("the app at {addr} sent no response head within {timeout:?}")]
     UpstreamTimeout { addr: SocketAddr, timeout: Duration },
@@ -40,14 +41,14 @@ pub enum ProxyError {
     Upstream {
         addr: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     /// The client's request body broke while it was being forwarded (a malformed chunk, a
     /// client gone mid-body): the client's fault, not the app's.
     #[error("the client's request body could not be read")]
     ClientBody {
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("the app at {addr} switched protocols without being asked to")]
     UnexpectedUpgrade { addr: SocketAddr },

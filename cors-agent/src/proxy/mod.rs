@@ -20,6 +20,7 @@ mod server;
 mod target;
 mod text;
 mod upgrade;
+mod upstream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,11 +38,12 @@ use crate::routes::{RouteHit, RouteTable};
 
 pub use access_log::{flush as flush_access_log, start_flusher as start_access_log};
 pub use errors::ProxyError;
-pub use forward::{BoxFuture, Connect, ConnectError, TcpConnect, UpstreamClient};
+pub use forward::{BoxFuture, Connect, ConnectError, TcpConnect};
 pub use limits::{LimitArgs, Limits, parse_duration};
 pub use observe::Metrics;
 pub use pipeline::ProxyBody;
 pub use server::{ConnContext, serve_connection, serve_listener};
+pub use upstream::{UpstreamBody, UpstreamClient};
 
 /// Everything the connections of one agent share. Built once; the configuration inside is
 /// swapped whole on reload.

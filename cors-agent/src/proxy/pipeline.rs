@@ -22,10 +22,11 @@ use super::hop;
 use super::limits::MAX_REQUEST_HEADER_FIELDS;
 use super::observe::{Observed, Record, Report};
 use super::server::{ConnState, InFlight};
+use super::upstream::UpstreamBody;
 use super::{Shared, target, upgrade};
 
 /// What the client receives: the app's streamed body or one the agent made.
-pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
+pub type ProxyBody = Observed<Either<UpstreamBody, Full<Bytes>>>;
 
 pub(super) async fn handle(
     req: Request<Incoming>,
@@ -127,7 +128,7 @@ pub(super) async fn handle(
 }
 
 /// A preflight answered here: 200, `content-length: 0`, the policy's headers.
-fn preflight(answer: &PreflightAnswer<'_>) -> Response<Either<Incoming, Full<Bytes>>> {
+fn preflight(answer: &PreflightAnswer<'_>) -> Response<Either<UpstreamBody, Full<Bytes>>> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     answer.write_headers(response.headers_mut());
     response
@@ -139,21 +140,14 @@ async fn forward(
     body: Incoming,
     conn: &ConnState,
     shared: &Arc<Shared>,
-) -> Result<Response<Either<Incoming, Full<Bytes>>>, ProxyError> {
+) -> Result<Response<Either<UpstreamBody, Full<Bytes>>>, ProxyError> {
     let upgrade = hop::is_upgrade(parts.version, &parts.method, &parts.headers);
     let client_upgrade = if upgrade {
         parts.extensions.remove::<OnUpgrade>()
     } else {
         None
     };
-    let req = upstream_request(
-        parts,
-        body,
-        &conn.upstream_authority,
-        conn.peer,
-        conn.tls,
-        upgrade,
-    )?;
+    let req = upstream_request(parts, body, conn.peer, conn.tls, upgrade)?;
     let mut response = shared.upstream.send(req, conn.upstream).await?;
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     match (switched, client_upgrade) {

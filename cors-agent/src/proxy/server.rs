@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::UPGRADE;
-use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::service::{Service, service_fn};
@@ -49,8 +48,6 @@ pub struct ConnContext {
 pub(super) struct ConnState {
     pub peer: SocketAddr,
     pub upstream: SocketAddr,
-    /// `upstream` as the client's pool key and request URI authority, built once.
-    pub upstream_authority: Authority,
     pub tls: bool,
     opened: Instant,
     requests: AtomicU64,
@@ -165,7 +162,6 @@ pub fn serve_connection(
     let state = Arc::new(ConnState {
         peer: ctx.peer,
         upstream: ctx.upstream,
-        upstream_authority: authority_of(ctx.upstream),
         tls: ctx.tls.is_some(),
         opened: Instant::now(),
         requests: AtomicU64::new(0),
@@ -181,11 +177,6 @@ pub fn serve_connection(
             None => serve_plain(stream, state, shared).await,
         }
     }
-}
-
-fn authority_of(addr: SocketAddr) -> Authority {
-    // A SocketAddr always renders as a valid authority (`1.2.3.4:80`, `[::1]:80`).
-    Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("invalid"))
 }
 
 async fn serve_tls(
