@@ -11,14 +11,16 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use notify::RecommendedWatcher;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -106,9 +108,58 @@ pub struct Port {
     pub number: u16,
     pub shared: Arc<Shared>,
     tls: Option<PortTls>,
-    /// Turned on when the port was retired and its drain time is over: connections still
-    /// open then close, so a removed port never outlives the drain timeout.
-    kill: watch::Sender<bool>,
+    /// The connections being served, so that a retired port can close those still open when
+    /// its drain time is over: a removed port never outlives the drain timeout.
+    conns: Mutex<Conns>,
+}
+
+/// A port's open connections. An idle connection costs its task, so the registry keeps one
+/// abort handle per connection (a pointer, in a map) rather than a wait for a kill signal in
+/// every connection's future: a `select!` against a `watch` made each task 512 bytes larger
+/// (1280-byte task allocations instead of 768, heaptrack with 10,000 idle connections).
+#[derive(Default)]
+struct Conns {
+    next: u64,
+    open: HashMap<u64, AbortHandle>,
+    /// Set once the port's drain time is over: no connection is served any more.
+    killed: bool,
+}
+
+/// Held by a connection's task: takes the connection out of its port's registry when the
+/// task ends, however it ends.
+struct ConnGuard {
+    port: Arc<Port>,
+    key: u64,
+}
+
+/// A connection's future with its guard. Not an `async` block: one that awaits a future it
+/// captured keeps two slots for it (the capture and the awaited value), which doubled the
+/// ~660-byte connection future in every idle connection's task.
+struct Tracked<F> {
+    serve: F,
+    _guard: ConnGuard,
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `serve` is structurally pinned: it is never moved out of a pinned
+        // `Tracked`, `Tracked` has no `Drop` of its own and is `Unpin` only when `F` is.
+        unsafe { self.map_unchecked_mut(|t| &mut t.serve) }.poll(cx)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut conns = self.port.lock_conns();
+        conns.open.remove(&self.key);
+        // A burst of connections must not leave a large table behind once it is gone.
+        if conns.open.capacity() > 64 && conns.open.len() * 4 < conns.open.capacity() {
+            let len = conns.open.len();
+            conns.open.shrink_to(len * 2);
+        }
+    }
 }
 
 type PortTable = HashMap<u16, Arc<Port>>;
@@ -158,7 +209,7 @@ impl Port {
             number: config.port,
             shared,
             tls,
-            kill: watch::Sender::new(false),
+            conns: Mutex::default(),
         }))
     }
 
@@ -166,8 +217,12 @@ impl Port {
         self.tls.as_ref().map(|t| &t.pair)
     }
 
-    /// Serves one steered connection through the proxy's pipeline.
-    async fn serve(self: Arc<Self>, stream: TcpStream, conn: SteeredConn) {
+    fn lock_conns(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Serves one steered connection through the proxy's pipeline, on a task of its own.
+    fn serve(self: &Arc<Self>, stream: TcpStream, conn: &SteeredConn) {
         let _ = stream.set_nodelay(true);
         let ctx = ConnContext {
             peer: conn.peer,
@@ -176,13 +231,40 @@ impl Port {
             upstream: conn.original_dst,
             tls: self.tls.as_ref().map(|t| t.acceptor.clone()),
         };
-        let mut kill = self.kill.subscribe();
-        tokio::select! {
-            () = serve_connection(stream, ctx, self.shared.clone()) => {}
-            _ = kill.wait_for(|k| *k) => {
-                debug!(pod = ?self.shared.pod, port = self.number, peer = %conn.peer,
-                    "closing a connection of a removed port after the drain timeout");
-            }
+        let mut conns = self.lock_conns();
+        if conns.killed {
+            debug!(pod = ?self.shared.pod, port = self.number, peer = %conn.peer,
+                "connection for a port past its drain timeout; closing");
+            return;
+        }
+        let serve = serve_connection(stream, ctx, self.shared.clone());
+        let key = conns.next;
+        conns.next += 1;
+        let guard = ConnGuard {
+            port: self.clone(),
+            key,
+        };
+        // Registered under the lock: the guard cannot remove the entry before it is there.
+        let task = tokio::spawn(Tracked {
+            serve,
+            _guard: guard,
+        });
+        conns.open.insert(key, task.abort_handle());
+    }
+
+    /// Closes every connection still open (the drain time is over).
+    fn kill(&self) {
+        let open = {
+            let mut conns = self.lock_conns();
+            conns.killed = true;
+            std::mem::take(&mut conns.open)
+        };
+        if !open.is_empty() {
+            debug!(pod = ?self.shared.pod, port = self.number, connections = open.len(),
+                "closing the connections of a removed port after the drain timeout");
+        }
+        for task in open.values() {
+            task.abort();
         }
     }
 
@@ -198,7 +280,7 @@ impl Port {
                 warn!(pod = ?self.shared.pod, port = self.number,
                     "drain timeout reached; closing the port's remaining connections");
             }
-            self.kill.send_replace(true);
+            self.kill();
         });
     }
 }
@@ -472,7 +554,7 @@ async fn accept_loop(
                     continue;
                 };
                 metrics.steered(&pod, conn.port);
-                tokio::spawn(port.serve(stream, conn));
+                port.serve(stream, &conn);
             }
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
