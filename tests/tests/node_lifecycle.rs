@@ -88,8 +88,38 @@ async fn expect_agent(agent: &NodeAgent, what: &str, check: impl Fn(&NodeAgent) 
     }
 }
 
-fn has_thread(agent: &NodeAgent, name: &str) -> bool {
-    agent.threads().iter().any(|t| t == name)
+/// The network namespace of `pod` now, as (device, inode).
+fn netns_id(cluster: &Cluster, pod: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(cluster.pod(pod).netns_path()).expect("pod namespace");
+    (m.dev(), m.ino())
+}
+
+/// How many of the agent's file descriptors are the network namespace `ns` (opened through a
+/// bind mount, they read as its path: compared by inode).
+fn fds_on(agent: &NodeAgent, ns: (u64, u64)) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", agent.pid())) else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .filter(|m| (m.dev(), m.ino()) == ns)
+        .count()
+}
+
+/// How many of the agent's file descriptors are the network namespace of `pod`.
+fn netns_fds(agent: &NodeAgent, cluster: &Cluster, pod: &str) -> usize {
+    fds_on(agent, netns_id(cluster, pod))
+}
+
+/// The agent runs every namespace's jobs on one thread, whatever the number of pods.
+fn netns_threads(agent: &NodeAgent) -> usize {
+    agent
+        .threads()
+        .iter()
+        .filter(|t| *t == "cors-netns-jobs" || t.starts_with("netns-"))
+        .count()
 }
 
 fn write_routes(dir: &Path) {
@@ -128,7 +158,9 @@ async fn pods_are_detached_and_attached_again_by_editing_the_file() {
         let (a, b) = (cluster.pod("a").v4(8080), cluster.pod("b").v6(8080));
         expect_path(&cluster, a, &app_a, Reached::Agent, "start").await;
         expect_path(&cluster, b, &app_b, Reached::Agent, "start").await;
-        assert!(has_thread(&agent, "netns-a") && has_thread(&agent, "netns-b"));
+        assert_eq!(netns_fds(&agent, &cluster, "a"), 1);
+        assert_eq!(netns_fds(&agent, &cluster, "b"), 1);
+        assert_eq!(netns_threads(&agent), 1, "{:?}", agent.threads());
         let bpf_fds_two_pods = agent.bpf_fds();
         // May count a client connection still closing: sockets are compared with `<=`.
         let sockets_two_pods = agent.sockets();
@@ -142,9 +174,9 @@ async fn pods_are_detached_and_attached_again_by_editing_the_file() {
             assert_eq!(dump["pods"].as_array().map(Vec::len), Some(1), "{dump}");
             expect_path(&cluster, a, &app_a, Reached::App, "a removed").await;
             expect_path(&cluster, b, &app_b, Reached::Agent, "b kept").await;
-            // Nothing of a's is left: its namespace thread, its BPF objects.
-            expect_agent(&agent, "netns-a thread gone", |ag| {
-                !has_thread(ag, "netns-a")
+            // Nothing of a's is left: its namespace, its BPF objects.
+            expect_agent(&agent, "a's namespace closed", |ag| {
+                netns_fds(ag, &cluster, "a") == 0
             })
             .await;
             expect_agent(&agent, "a's BPF fds and sockets closed", |ag| {
@@ -158,11 +190,8 @@ async fn pods_are_detached_and_attached_again_by_editing_the_file() {
             generation += 1;
             agent.wait_generation(generation, SETTLE).await.unwrap();
             expect_path(&cluster, a, &app_a, Reached::Agent, "a added back").await;
-            assert_eq!(
-                agent.threads().iter().filter(|t| *t == "netns-a").count(),
-                1,
-                "round {round}"
-            );
+            assert_eq!(netns_fds(&agent, &cluster, "a"), 1, "round {round}");
+            assert_eq!(netns_threads(&agent), 1, "round {round}");
             expect_agent(&agent, "as many BPF fds as before, no more sockets", |ag| {
                 ag.bpf_fds() == bpf_fds_two_pods && ag.sockets() <= sockets_two_pods
             })
@@ -307,6 +336,7 @@ async fn a_pod_recreated_with_the_same_address_never_reaches_the_old_pods_entry(
         let old_program = agent.config_dump().await.unwrap()["pods"][0]["programId"].clone();
 
         // The pod is replaced: same namespace path, same address, a new app.
+        let old_netns = netns_id(&cluster, "a");
         drop(old_app);
         cluster.recreate_pod("a").unwrap();
         let new_app = cluster.start_app("a", 8080, tagged("new")).unwrap();
@@ -339,9 +369,15 @@ async fn a_pod_recreated_with_the_same_address_never_reaches_the_old_pods_entry(
                 .all(|s| s.headers.contains_key("x-forwarded-for")),
             "{seen:?}"
         );
-        expect_agent(&agent, "one netns-a thread", |ag| {
-            ag.threads().iter().filter(|t| *t == "netns-a").count() == 1
-        })
+        expect_agent(
+            &agent,
+            "the old namespace closed, the new one open once",
+            |ag| {
+                fds_on(ag, old_netns) == 0
+                    && netns_fds(ag, &cluster, "a") == 1
+                    && netns_threads(ag) == 1
+            },
+        )
         .await;
     })
     .await;

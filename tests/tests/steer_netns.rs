@@ -197,6 +197,7 @@ async fn detach_and_reattach_leave_nothing_behind() {
             talk(&topo, target).await.expect("before"),
             "app:8080:hello\n"
         );
+        let netns_fds_before = netns_fds(&topo.pod_netns_path());
 
         for round in 0..3 {
             let (mut steering, listener) =
@@ -223,7 +224,7 @@ async fn detach_and_reattach_leave_nothing_behind() {
                 "round {round}"
             );
             // No fd of ours refers to the program any more (link and program
-            // closed), the listener is closed, the netns worker has exited.
+            // closed), the listener is closed, the pod's namespace is closed.
             wait_until("program fds closed", || !held_prog_ids().contains(&prog_id)).await;
             for addr in listener_addrs.iter().copied() {
                 let pod_ns = topo.pod_netns_path();
@@ -238,8 +239,8 @@ async fn detach_and_reattach_leave_nothing_behind() {
                 })
                 .await;
             }
-            wait_until("netns worker exited", || {
-                !thread_names().iter().any(|n| n == "netns-reattach")
+            wait_until("namespace closed", || {
+                netns_fds(&topo.pod_netns_path()) == netns_fds_before
             })
             .await;
         }
@@ -434,14 +435,20 @@ fn pinned_links(dir: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn thread_names() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
+/// How many of this process's file descriptors are the network namespace at `path` (compared
+/// by inode: opened through a bind mount, they read as its path).
+fn netns_fds(path: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ns) = std::fs::metadata(path).map(|m| (m.dev(), m.ino())) else {
+        return 0;
+    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
     };
     dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .map(|s| s.trim().to_owned())
-        .collect()
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .filter(|m| (m.dev(), m.ino()) == ns)
+        .count()
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

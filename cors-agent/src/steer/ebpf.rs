@@ -231,6 +231,15 @@ pub(crate) fn load(pod: &str, fail_closed: bool, pins: Option<&PinPaths>) -> Res
     loaded
 }
 
+/// Drops what aya keeps of a loaded object once the program is attached (its link taken)
+/// and the maps and the log ring are taken: the program and its maps stay in the kernel, held
+/// by the link. Dropping it unloads nothing else: aya detaches only the links it still owns.
+/// Then returns the freed heap, as after a load.
+pub(crate) fn release(ebpf: Ebpf) {
+    drop(ebpf);
+    heap::release_freed();
+}
+
 /// aya's `EbpfLoader::new()` parses the kernel's BTF (/sys/kernel/btf/vmlinux)
 /// on every load: ~20 MB of short-lived heap per pod attach, in a blocking
 /// thread. glibc keeps it: freeing its multi-megabyte blocks raises the mmap

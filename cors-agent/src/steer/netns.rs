@@ -5,7 +5,8 @@
 //! done on a Tokio worker: an `.await` could resume elsewhere and a worker
 //! left in a pod's namespace would silently create sockets there. Instead
 //! (ztunnel-style) a synchronous closure runs on a dedicated thread that
-//! entered the namespace, and only its result comes back. The socket keeps
+//! entered the namespace (one thread for all namespaces, see [`NetnsWorker`]),
+//! and only its result comes back. The socket keeps
 //! its namespace for life, so connecting, accepting and I/O can then happen
 //! on any thread.
 //!
@@ -17,8 +18,13 @@ use std::{
     fs::File,
     io,
     os::fd::{AsFd, BorrowedFd},
+    panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
 };
 
@@ -108,81 +114,107 @@ pub fn in_netns<T: Send>(ns: &NetNs, f: impl FnOnce() -> io::Result<T> + Send) -
     ns.run(f)
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job for the namespace thread: enters `ns` (unless the thread is already there), then
+/// calls `run` with the outcome of entering.
+struct Job {
+    ns: Arc<NetNs>,
+    id: u64,
+    run: Box<dyn FnOnce(io::Result<()>) + Send>,
+}
 
-/// A thread parked inside one network namespace that runs closures on
-/// request. Saves a thread spawn and a `setns` per upstream connection.
+/// Runs closures inside one network namespace, on request, on the process's one namespace
+/// thread: a thread parked in the namespace (rather than a spawn per operation) that enters
+/// the namespace of each job in turn. `setns` is cheap next to what follows it (a TCP
+/// connect; upstream connections are pooled), and it is skipped when consecutive jobs are
+/// for the same namespace.
 ///
-/// Dropping the worker ends the thread (after the job in progress, if any).
+/// One thread for the process rather than one per namespace: a thread per enrolled pod cost
+/// its stack and its malloc state, ~9 KiB of resident memory per pod for a thread that is
+/// idle nearly all the time (`cargo xtask bench`, 100 pods). Jobs are serialised, so they
+/// must be quick (socket creation, never a blocking connect).
+///
+/// Cheap to keep: dropping the worker closes nothing but its handle on the namespace (jobs
+/// already queued hold their own).
 #[derive(Debug)]
 pub struct NetnsWorker {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<thread::JoinHandle<()>>,
+    ns: Arc<NetNs>,
+    /// Tells namespaces apart on the thread (a pointer could be reused by a later one).
+    id: u64,
 }
 
 impl NetnsWorker {
-    /// Starts a worker thread inside `ns`.
-    pub fn spawn(ns: &NetNs, name: &str) -> io::Result<Self> {
-        let ns = ns.try_clone()?;
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
-        let thread = thread::Builder::new()
-            .name(format!("netns-{name}"))
-            .spawn(move || {
-                let entered = ns.enter();
-                let ok = entered.is_ok();
-                let _ = ready_tx.send(entered);
-                drop(ns);
-                if ok {
-                    // Ends when every sender is dropped.
-                    for job in rx {
-                        job();
-                    }
-                }
-            })?;
-        let entered = ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("netns worker thread exited during start-up"))?;
-        if let Err(e) = entered {
-            let _ = thread.join();
-            return Err(e);
-        }
-        Ok(Self {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
+    /// A worker for `ns`; fails if the namespace cannot be entered (checked once, here).
+    /// Blocks until the namespace thread has tried (microseconds unless it is busy).
+    pub fn spawn(ns: &NetNs, _name: &str) -> io::Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let worker = Self {
+            ns: Arc::new(ns.try_clone()?),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        worker.submit(Box::new(move |entered| {
+            let _ = tx.send(entered);
+        }))?;
+        rx.recv().map_err(|_| worker_gone())??;
+        Ok(worker)
     }
 
-    /// Runs `f` on the worker thread (inside the namespace) and awaits the
-    /// result. `f` must be quick and must not block on the network.
+    /// Runs `f` on the namespace thread (inside the namespace) and awaits the result. `f`
+    /// must be quick and must not block on the network.
     pub async fn run<T, F>(&self, f: F) -> io::Result<T>
     where
         T: Send + 'static,
         F: FnOnce() -> io::Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = tx.send(f());
-        });
-        self.jobs
-            .as_ref()
-            .ok_or_else(worker_gone)?
-            .send(job)
-            .map_err(|_| worker_gone())?;
+        self.submit(Box::new(move |entered| {
+            let _ = tx.send(entered.and_then(|()| f()));
+        }))?;
+        // A panic in `f` drops `tx` unanswered: an error here, and the thread goes on.
         rx.await.map_err(|_| worker_gone())?
+    }
+
+    fn submit(&self, run: Box<dyn FnOnce(io::Result<()>) + Send>) -> io::Result<()> {
+        let job = Job {
+            ns: self.ns.clone(),
+            id: self.id,
+            run,
+        };
+        namespace_thread()?.send(job).map_err(|_| worker_gone())
+    }
+}
+
+/// The process's namespace thread, started on first use; it lives as long as the process.
+fn namespace_thread() -> io::Result<&'static mpsc::Sender<Job>> {
+    static THREAD: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    if let Some(jobs) = THREAD.get() {
+        return Ok(jobs);
+    }
+    // Two first callers may race to start one; only the first stored is used, the other
+    // thread ends at once (its channel's sender is dropped).
+    let (jobs, rx) = mpsc::channel::<Job>();
+    thread::Builder::new()
+        .name("cors-netns-jobs".into())
+        .spawn(move || namespace_loop(rx))?;
+    Ok(THREAD.get_or_init(|| jobs))
+}
+
+fn namespace_loop(rx: mpsc::Receiver<Job>) {
+    // The namespace this thread is in, by worker id; `None` also after a failed `setns`.
+    let mut inside = None;
+    for job in rx {
+        let entered = if inside == Some(job.id) {
+            Ok(())
+        } else {
+            inside = None;
+            job.ns.enter().inspect(|()| inside = Some(job.id))
+        };
+        drop(job.ns);
+        // A panicking closure must not take the thread (and every pod's connects) with it.
+        let _ = panic::catch_unwind(AssertUnwindSafe(move || (job.run)(entered)));
     }
 }
 
 fn worker_gone() -> io::Error {
     io::Error::other("netns worker thread is gone (closure panicked or worker shut down)")
-}
-
-impl Drop for NetnsWorker {
-    fn drop(&mut self) {
-        // Closing the channel ends the loop; join so no thread outlives us.
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }

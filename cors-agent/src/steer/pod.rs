@@ -1,6 +1,6 @@
 //! Per-pod steering: one sk_lookup program + maps instance attached to the
-//! pod's network namespace, one listener inside that namespace, and a worker
-//! thread there for upstream connections.
+//! pod's network namespace, one listener inside that namespace, and a handle
+//! on the process's namespace thread for upstream connections.
 //!
 //! One instance per pod (rather than one shared program keyed by netns
 //! cookie) because it isolates pods (a pod's port set or failure never
@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use aya::{Ebpf, programs::links::FdLink};
+use aya::programs::links::FdLink;
 use cors_common::{ListenerSlot, MAX_PORTS};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use tokio::{
@@ -158,7 +158,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Opens connections from inside a pod's network namespace. Cheap to clone;
-/// the pod's namespace worker thread exits when the `PodSteering` and every
+/// it keeps the namespace open (an fd) until the `PodSteering` and every
 /// clone are gone.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -189,8 +189,8 @@ impl Upstream {
 }
 
 /// Steering for one pod. Dropping it stops the accept loops started with
-/// [`serve`](Self::serve), the log forwarder and the namespace worker, and
-/// closes every fd. With [`FailMode::Open`] that also detaches the program
+/// [`serve`](Self::serve) and the log forwarder, and closes every fd (the
+/// namespace's once every [`Upstream`] clone is gone too). With [`FailMode::Open`] that also detaches the program
 /// and frees the maps. With [`FailMode::Closed`] the pinned program and maps
 /// stay (the pod is then refused on steered ports until an agent attaches
 /// again); call [`detach`](Self::detach) to remove them.
@@ -206,11 +206,13 @@ pub struct PodSteering {
     serve_tasks: Vec<JoinHandle<()>>,
 }
 
+/// What the agent keeps of a loaded object. Not the [`aya::Ebpf`] itself: once the link is taken
+/// out of it, the program lives on in the kernel through the link, and the maps through the
+/// program and the handles taken here; aya's copy of the object (instructions, line info,
+/// ~17 KiB of heap per pod) would only sit there. See [`ebpf::release`].
 struct Kernel {
-    // Field order is drop order: the link (detach) before the program.
     link: Link,
     maps: Maps,
-    _ebpf: Ebpf,
 }
 
 enum Link {
@@ -346,6 +348,7 @@ impl PodSteering {
         } else {
             Link::Owned(link)
         };
+        ebpf::release(ebpf);
         tracing::info!(
             pod,
             netns = %netns_path.display(),
@@ -362,11 +365,7 @@ impl PodSteering {
             netns_path: netns_path.to_path_buf(),
             ports,
             fail_mode: opts.fail_mode,
-            kernel: Kernel {
-                link,
-                maps,
-                _ebpf: ebpf,
-            },
+            kernel: Kernel { link, maps },
             program_id,
             upstream: Upstream {
                 worker: Arc::new(worker),
@@ -412,7 +411,7 @@ impl PodSteering {
     }
 
     /// The connector for this pod's upstream (the app), usable after this
-    /// `PodSteering` is moved; it keeps the namespace worker alive.
+    /// `PodSteering` is moved; it keeps the pod's namespace open.
     pub fn upstream(&self) -> Upstream {
         self.upstream.clone()
     }
