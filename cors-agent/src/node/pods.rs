@@ -120,7 +120,8 @@ pub struct Port {
 #[derive(Default)]
 struct Conns {
     next: u64,
-    open: HashMap<u64, AbortHandle>,
+    /// `None` until the connection's task has been spawned.
+    open: HashMap<u64, Option<AbortHandle>>,
     /// Set once the port's drain time is over: no connection is served any more.
     killed: bool,
 }
@@ -132,21 +133,22 @@ struct ConnGuard {
     key: u64,
 }
 
-/// A connection's future with its guard. Not an `async` block: one that awaits a future it
-/// captured keeps two slots for it (the capture and the awaited value), which doubled the
-/// ~660-byte connection future in every idle connection's task.
-struct Tracked<F> {
-    serve: F,
-    _guard: ConnGuard,
+pin_project_lite::pin_project! {
+    /// A connection's future with its guard. Not an `async` block: one that awaits a future
+    /// it captured keeps two slots for it (the capture and the awaited value), which doubled
+    /// the ~660-byte connection future in every idle connection's task.
+    struct Tracked<F> {
+        #[pin]
+        serve: F,
+        _guard: ConnGuard,
+    }
 }
 
 impl<F: Future> Future for Tracked<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // SAFETY: `serve` is structurally pinned: it is never moved out of a pinned
-        // `Tracked`, `Tracked` has no `Drop` of its own and is `Unpin` only when `F` is.
-        unsafe { self.map_unchecked_mut(|t| &mut t.serve) }.poll(cx)
+        self.project().serve.poll(cx)
     }
 }
 
@@ -231,25 +233,38 @@ impl Port {
             upstream: conn.original_dst,
             tls: self.tls.as_ref().map(|t| t.acceptor.clone()),
         };
-        let mut conns = self.lock_conns();
-        if conns.killed {
-            debug!(pod = ?self.shared.pod, port = self.number, peer = %conn.peer,
-                "connection for a port past its drain timeout; closing");
-            return;
-        }
-        let serve = serve_connection(stream, ctx, self.shared.clone());
-        let key = conns.next;
-        conns.next += 1;
+        let key = {
+            let mut conns = self.lock_conns();
+            if conns.killed {
+                debug!(pod = ?self.shared.pod, port = self.number, peer = %conn.peer,
+                    "connection for a port past its drain timeout; closing");
+                return;
+            }
+            let key = conns.next;
+            conns.next += 1;
+            // A place for the abort handle, taken before the task exists: a task that ends at
+            // once removes it, and its handle is then never stored.
+            conns.open.insert(key, None);
+            key
+        };
         let guard = ConnGuard {
             port: self.clone(),
             key,
         };
-        // Registered under the lock: the guard cannot remove the entry before it is there.
+        // Not under the lock: a runtime shutting down drops the future inside `spawn`, and
+        // the guard's drop takes the lock.
         let task = tokio::spawn(Tracked {
-            serve,
+            serve: serve_connection(stream, ctx, self.shared.clone()),
             _guard: guard,
         });
-        conns.open.insert(key, task.abort_handle());
+        let mut conns = self.lock_conns();
+        let killed = conns.killed;
+        match conns.open.get_mut(&key) {
+            Some(slot) => *slot = Some(task.abort_handle()),
+            // The port was killed meanwhile (its table taken), or the task has ended.
+            None if killed => task.abort(),
+            None => {}
+        }
     }
 
     /// Closes every connection still open (the drain time is over).
@@ -263,7 +278,7 @@ impl Port {
             debug!(pod = ?self.shared.pod, port = self.number, connections = open.len(),
                 "closing the connections of a removed port after the drain timeout");
         }
-        for task in open.values() {
+        for task in open.values().flatten() {
             task.abort();
         }
     }
