@@ -108,6 +108,19 @@ fn fds_on(agent: &NodeAgent, ns: (u64, u64)) -> usize {
         .count()
 }
 
+/// How many of the agent's threads are inside the network namespace `ns`: one would keep the
+/// namespace alive after its pod is gone.
+fn threads_in(agent: &NodeAgent, ns: (u64, u64)) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", agent.pid())) else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::metadata(e.path().join("ns/net")).ok())
+        .filter(|m| (m.dev(), m.ino()) == ns)
+        .count()
+}
+
 /// How many of the agent's file descriptors are the network namespace of `pod`.
 fn netns_fds(agent: &NodeAgent, cluster: &Cluster, pod: &str) -> usize {
     fds_on(agent, netns_id(cluster, pod))
@@ -175,9 +188,14 @@ async fn pods_are_detached_and_attached_again_by_editing_the_file() {
             expect_path(&cluster, a, &app_a, Reached::App, "a removed").await;
             expect_path(&cluster, b, &app_b, Reached::Agent, "b kept").await;
             // Nothing of a's is left: its namespace, its BPF objects.
-            expect_agent(&agent, "a's namespace closed", |ag| {
-                netns_fds(ag, &cluster, "a") == 0
-            })
+            expect_agent(
+                &agent,
+                "a's namespace closed and no thread inside it",
+                |ag| {
+                    netns_fds(ag, &cluster, "a") == 0
+                        && threads_in(ag, netns_id(&cluster, "a")) == 0
+                },
+            )
             .await;
             expect_agent(&agent, "a's BPF fds and sockets closed", |ag| {
                 // a's two listeners (IPv4, IPv6) are closed.

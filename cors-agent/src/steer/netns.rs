@@ -193,25 +193,39 @@ fn namespace_thread() -> io::Result<&'static mpsc::Sender<Job>> {
     // Two first callers may race to start one; only the first stored is used, the other
     // thread ends at once (its channel's sender is dropped).
     let (jobs, rx) = mpsc::channel::<Job>();
+    // Where the thread goes back to between jobs: the agent's own namespace.
+    let home = NetNs::open("/proc/thread-self/ns/net")?;
     thread::Builder::new()
         .name("cors-netns-jobs".into())
-        .spawn(move || namespace_loop(rx))?;
+        .spawn(move || namespace_loop(&rx, &home))?;
     Ok(THREAD.get_or_init(|| jobs))
 }
 
-fn namespace_loop(rx: mpsc::Receiver<Job>) {
-    // The namespace this thread is in, by worker id; `None` also after a failed `setns`.
+fn namespace_loop(rx: &mpsc::Receiver<Job>, home: &NetNs) {
+    // The namespace this thread is in, by worker id; `None` at home, and after a failed
+    // `setns`.
     let mut inside = None;
-    for job in rx {
-        let entered = if inside == Some(job.id) {
-            Ok(())
-        } else {
-            inside = None;
-            job.ns.enter().inspect(|()| inside = Some(job.id))
-        };
-        drop(job.ns);
-        // A panicking closure must not take the thread (and every pod's connects) with it.
-        let _ = panic::catch_unwind(AssertUnwindSafe(move || (job.run)(entered)));
+    while let Ok(job) = rx.recv() {
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            let entered = if inside == Some(job.id) {
+                Ok(())
+            } else {
+                inside = None;
+                job.ns.enter().inspect(|()| inside = Some(job.id))
+            };
+            drop(job.ns);
+            // A panicking closure must not take the thread (and every pod's connects) with it.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || (job.run)(entered)));
+            next = rx.try_recv().ok();
+        }
+        // A thread inside a namespace keeps it alive: never wait for work in a pod's, which
+        // would then outlive its pod.
+        if inside.take().is_some()
+            && let Err(e) = home.enter()
+        {
+            tracing::warn!(error = %e, "cannot return the namespace thread to the agent's own network namespace");
+        }
     }
 }
 
