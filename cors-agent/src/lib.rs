@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod cors;
 pub mod engine;
+pub mod memory;
 pub mod node;
 pub mod proxy;
 pub mod routes;

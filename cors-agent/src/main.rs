@@ -26,7 +26,11 @@ enum Command {
     Node(cors_agent::node::NodeArgs),
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    cors_agent::memory::configure();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => cli::validate::run(&args),

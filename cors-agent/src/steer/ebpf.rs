@@ -224,10 +224,9 @@ const MAP_LOGS: &str = "AYA_LOGS";
 /// Loads one instance of the object: maps created (or, with `pins`, reused
 /// from bpffs), program verified and loaded but not attached.
 pub(crate) fn load(pod: &str, fail_closed: bool, pins: Option<&PinPaths>) -> Result<(Ebpf, Maps)> {
-    heap::keep_big_blocks_out();
     let loaded = load_object(pod, fail_closed, pins);
     // The loader, and the kernel BTF it parsed, are gone now.
-    heap::release_freed();
+    crate::memory::release_freed();
     loaded
 }
 
@@ -237,50 +236,7 @@ pub(crate) fn load(pod: &str, fail_closed: bool, pins: Option<&PinPaths>) -> Res
 /// Then returns the freed heap, as after a load.
 pub(crate) fn release(ebpf: Ebpf) {
     drop(ebpf);
-    heap::release_freed();
-}
-
-/// aya's `EbpfLoader::new()` parses the kernel's BTF (/sys/kernel/btf/vmlinux)
-/// on every load: ~20 MB of short-lived heap per pod attach, in a blocking
-/// thread. glibc keeps it: freeing its multi-megabyte blocks raises the mmap
-/// threshold (so the next ones come from the heap) and the trim threshold
-/// with it, and the top of a thread's arena is never trimmed below that.
-/// `cargo xtask bench` measured 35 MiB of RSS for 10 pods with 0.5 MiB of
-/// live heap. Blocks of 1 MiB and more are mmapped (and unmapped when freed)
-/// for good, and free heap is returned after each load. Not glibc: no-ops.
-mod heap {
-    #[cfg(target_env = "gnu")]
-    mod glibc {
-        use std::ffi::c_int;
-        unsafe extern "C" {
-            pub fn mallopt(param: c_int, value: c_int) -> c_int;
-            pub fn malloc_trim(pad: usize) -> c_int;
-        }
-        /// From malloc.h.
-        pub const M_MMAP_THRESHOLD: c_int = -3;
-    }
-
-    /// Sets a fixed mmap threshold (which also stops its growth) before the
-    /// first load; the proxy rarely allocates blocks that big.
-    pub fn keep_big_blocks_out() {
-        #[cfg(target_env = "gnu")]
-        {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            // SAFETY: mallopt has no preconditions and is thread-safe.
-            ONCE.call_once(|| unsafe {
-                glibc::mallopt(glibc::M_MMAP_THRESHOLD, 1 << 20);
-            });
-        }
-    }
-
-    pub fn release_freed() {
-        // SAFETY: malloc_trim only returns free memory to the kernel; it has
-        // no preconditions and is thread-safe.
-        #[cfg(target_env = "gnu")]
-        unsafe {
-            glibc::malloc_trim(0);
-        }
-    }
+    crate::memory::release_freed();
 }
 
 fn load_object(pod: &str, fail_closed: bool, pins: Option<&PinPaths>) -> Result<(Ebpf, Maps)> {
