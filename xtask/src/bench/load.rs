@@ -279,12 +279,24 @@ fn parse_wrk(stdout: &str) -> Result<Sample> {
     })
 }
 
+/// A duration as h2load prints it: `2.00s`, `999.96ms` (runs shorter than a second), `850us`.
+fn h2load_duration(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-6)
+    } else {
+        (text.strip_suffix('s')?, 1.0)
+    };
+    number.trim().parse::<f64>().ok().map(|n| n * scale)
+}
+
 /// h2load's summary and its per-request log (start µs, status, duration µs).
 fn parse_h2load(stdout: &str, log: &str) -> Result<Sample> {
     let seconds: f64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("finished in "))
-        .and_then(|r| r.split('s').next()?.parse().ok())
+        .and_then(|r| h2load_duration(r.split(',').next()?))
         .context("no `finished in` line")?;
     let counts = stdout
         .lines()
@@ -345,6 +357,18 @@ mod tests {
         assert_eq!(s.seconds, 2.0);
         assert_eq!(s.p50_us, 100.0);
         assert_eq!(s.p99_us, 300.0);
+    }
+
+    #[test]
+    fn h2load_durations_below_a_second_are_in_milliseconds() {
+        let close = |text: &str, seconds: f64| {
+            let parsed = h2load_duration(text).unwrap();
+            assert!((parsed - seconds).abs() < 1e-9, "{text}: {parsed}");
+        };
+        close("2.00s", 2.0);
+        close("999.96ms", 0.99996);
+        close("850us", 0.00085);
+        assert_eq!(h2load_duration("soon"), None);
     }
 
     #[test]
