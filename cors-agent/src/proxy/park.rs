@@ -2,10 +2,11 @@
 //!
 //! hyper keeps a connection's read buffer, header buffer and dispatcher (about 25 KiB) for as
 //! long as the connection lives, even while a keep-alive client sends nothing for minutes. So
-//! once hyper has written a whole response and is waiting for the next request, the server
-//! takes the socket back from hyper (`into_parts`) and waits for it to become readable with no
-//! buffers at all; the next request gets a fresh hyper connection. nginx frees its keep-alive
-//! buffers the same way.
+//! once hyper has written a whole response and has waited a while for the next request
+//! (`PARK_AFTER` in `server.rs`), the server takes the socket back from hyper (`into_parts`)
+//! and waits for it to become readable with no buffers at all; the next request gets a fresh
+//! hyper connection. nginx frees its keep-alive buffers too, at once; here busy connections
+//! keep theirs, as making them again costs CPU on every request.
 //!
 //! [`ParkIo`] is the socket as hyper sees it. It notes what hyper did with it last, so that
 //! [`IdleProbe::can_park`] can tell from outside that hyper is between requests.
