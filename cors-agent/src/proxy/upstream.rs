@@ -156,8 +156,15 @@ fn is_client_body_error(e: &hyper::Error) -> bool {
 
 #[derive(Default)]
 struct Pool {
+    idle: Mutex<Idles>,
+}
+
+#[derive(Default)]
+struct Idles {
     /// Per app address, idle connections, the most recently used last.
-    idle: Mutex<Vec<(SocketAddr, Vec<Idle>)>>,
+    by_app: Vec<(SocketAddr, Vec<Idle>)>,
+    /// A task closes expired connections while there are any.
+    reaping: bool,
 }
 
 struct Idle {
@@ -169,7 +176,7 @@ impl Pool {
     /// The most recently used connection to `addr` that can take a request now.
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle.lock().ok()?;
-        let (_, list) = idle.iter_mut().find(|(a, _)| *a == addr)?;
+        let (_, list) = idle.by_app.iter_mut().find(|(a, _)| *a == addr)?;
         while let Some(conn) = list.pop() {
             if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
                 return Some(conn.sender);
@@ -178,20 +185,21 @@ impl Pool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<Incoming>) {
+    fn put(self: &Arc<Self>, addr: SocketAddr, sender: SendRequest<Incoming>) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        let at = match idle.iter().position(|(a, _)| *a == addr) {
+        let at = match idle.by_app.iter().position(|(a, _)| *a == addr) {
             Some(at) => at,
             None => {
-                idle.push((addr, Vec::new()));
-                idle.len() - 1
+                idle.by_app.push((addr, Vec::new()));
+                idle.by_app.len() - 1
             }
         };
-        let list = &mut idle[at].1;
+        let list = &mut idle.by_app[at].1;
         if list.len() >= MAX_IDLE_PER_APP {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+            let now = Instant::now();
+            list.retain(|c| c.alive_at(now));
             if list.len() >= MAX_IDLE_PER_APP {
                 list.remove(0);
             }
@@ -200,6 +208,40 @@ impl Pool {
             sender,
             since: Instant::now(),
         });
+        if !idle.reaping {
+            idle.reaping = true;
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                // Ends with the pool, or once it holds no idle connection.
+                loop {
+                    tokio::time::sleep(IDLE_TIMEOUT / 4).await;
+                    match pool.upgrade() {
+                        Some(pool) if pool.reap(Instant::now()) => {}
+                        _ => return,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Closes the connections unused since before `now - IDLE_TIMEOUT`, or closed by the app;
+    /// whether any idle connection is left (if not, the reaping stops).
+    fn reap(&self, now: Instant) -> bool {
+        let Ok(mut idle) = self.idle.lock() else {
+            return false;
+        };
+        for (_, list) in &mut idle.by_app {
+            list.retain(|c| c.alive_at(now));
+        }
+        idle.by_app.retain(|(_, list)| !list.is_empty());
+        idle.reaping = !idle.by_app.is_empty();
+        idle.reaping
+    }
+}
+
+impl Idle {
+    fn alive_at(&self, now: Instant) -> bool {
+        !self.sender.is_closed() && now.saturating_duration_since(self.since) < IDLE_TIMEOUT
     }
 }
 
@@ -280,5 +322,57 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::server::conn::http1 as server;
+    use hyper::service::service_fn;
+
+    use super::*;
+
+    /// A client connection to a tiny in-memory HTTP/1.1 server.
+    async fn connection() -> SendRequest<Incoming> {
+        let (client, app) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let service = service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            });
+            let _ = server::Builder::new()
+                .serve_connection(TokioIo::new(app), service)
+                .await;
+        });
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        sender
+    }
+
+    fn idle_count(pool: &Pool) -> usize {
+        let idle = pool.idle.lock().unwrap();
+        idle.by_app.iter().map(|(_, list)| list.len()).sum()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let pool = Arc::new(Pool::default());
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        pool.put(addr, connection().await);
+        pool.put(addr, connection().await);
+        assert_eq!(idle_count(&pool), 2);
+
+        // Half the timeout later nothing is closed; past it, everything is, and the reaper
+        // has nothing left to do.
+        assert!(pool.reap(Instant::now() + IDLE_TIMEOUT / 2));
+        assert_eq!(idle_count(&pool), 2);
+        assert!(!pool.reap(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1)));
+        assert_eq!(idle_count(&pool), 0);
+        assert!(pool.take(addr).is_none());
     }
 }
