@@ -79,6 +79,35 @@ impl Report {
     }
 }
 
+/// Patterns that let every site (of a scheme, or under a top-level domain) in, with
+/// credentials: as risky as `*`, which the contract lints.
+fn lint_catch_all_origins(origins: &AllowOrigins, report: &mut Report) {
+    let list = match origins {
+        AllowOrigins::Any => {
+            report.lint(
+                "allowOrigins",
+                "\"*\" with allowCredentials: true lets every site make credentialed requests",
+            );
+            return;
+        }
+        AllowOrigins::List(list) => list,
+    };
+    for (i, pattern) in list.iter().enumerate() {
+        let reach = match pattern {
+            OriginPattern::AnyHost { scheme, .. } => format!("every {} site", scheme.as_str()),
+            // `.com`: one label, a whole top-level domain.
+            OriginPattern::Subdomains { suffix, .. } if !suffix[1..].contains('.') => {
+                format!("every site under {suffix}")
+            }
+            _ => continue,
+        };
+        report.lint(
+            format!("allowOrigins[{i}]"),
+            format!("with allowCredentials: true this lets {reach} make credentialed requests"),
+        );
+    }
+}
+
 impl CorsPolicy {
     /// Validates `spec` as the CRDs and the contract (§1) do, and compiles it.
     /// `default_max_age` is what an omitted `maxAge` means where the policy was written:
@@ -123,11 +152,8 @@ impl CorsPolicy {
             }
         };
 
-        if credentials && origins == AllowOrigins::Any {
-            report.lint(
-                "allowOrigins",
-                "\"*\" with allowCredentials: true lets every site make credentialed requests",
-            );
+        if credentials {
+            lint_catch_all_origins(&origins, &mut report);
         }
         let expose_headers = match expose {
             AllowList::Unset => None,
@@ -472,5 +498,30 @@ mod tests {
         let (_, lints) = CorsPolicy::compile(&s, None).unwrap();
         let fields: Vec<_> = lints.iter().map(|l| l.field.as_str()).collect();
         assert_eq!(fields, ["maxAge", "allowOrigins", "exposeHeaders"]);
+    }
+
+    #[test]
+    fn catch_all_patterns_with_credentials_are_linted_like_star() {
+        let entries = [
+            "https://app.example.com",
+            "https://*.com",
+            "http://*",
+            "https://*.example.com",
+        ];
+        let with_credentials = CorsSpec {
+            allow_credentials: Some(true),
+            ..spec(&entries)
+        };
+        let (_, lints) = CorsPolicy::compile(&with_credentials, None).unwrap();
+        let fields: Vec<_> = lints.iter().map(|l| l.field.as_str()).collect();
+        assert_eq!(fields, ["allowOrigins[1]", "allowOrigins[2]"]);
+        assert!(
+            lints[0].reason.contains("every site under .com"),
+            "{lints:?}"
+        );
+        assert!(lints[1].reason.contains("every http site"), "{lints:?}");
+
+        let (_, lints) = CorsPolicy::compile(&spec(&entries), None).unwrap();
+        assert!(lints.is_empty(), "without credentials: {lints:?}");
     }
 }
