@@ -21,6 +21,18 @@ pub(super) fn admit(parts: &mut Parts) -> Result<(), ProxyError> {
     normalize_path(&mut parts.uri)
 }
 
+/// No port, an empty one (RFC 3986 allows `host:`), or a number up to 65535: `http` parses
+/// `host:abc` and `host:99999` as authorities and leaves the port to whoever asks.
+fn valid_port(authority: &Authority) -> bool {
+    let text = authority.as_str();
+    match text.get(authority.host().len()..) {
+        None | Some("" | ":") => true,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()),
+    }
+}
+
 /// RFC 9112 §3.2 and RFC 9113 §8.3.1, strictly.
 fn check_host(parts: &mut Parts) -> Result<(), &'static str> {
     let h2 = parts.version == Version::HTTP_2;
@@ -39,13 +51,17 @@ fn check_host(parts: &mut Parts) -> Result<(), &'static str> {
         if host.as_bytes().contains(&b'@') {
             return Err("the Host header has userinfo");
         }
-        if Authority::try_from(host.as_bytes()).is_err() {
-            return Err("the Host header is not a host[:port]");
+        match Authority::try_from(host.as_bytes()) {
+            Ok(a) if valid_port(&a) => {}
+            _ => return Err("the Host header is not a host[:port]"),
         }
     }
     let authority = uri.authority();
     if authority.is_some_and(|a| a.as_str().contains('@')) {
         return Err("the request target has userinfo");
+    }
+    if authority.is_some_and(|a| !valid_port(a)) {
+        return Err("the request target's port is not a port number");
     }
     match (authority, host) {
         (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
@@ -108,6 +124,8 @@ mod tests {
             (V::HTTP_11, "http://a.test/x", &["A.TEST"][..]),
             (V::HTTP_2, "http://a.test/x", &[][..]),
             (V::HTTP_2, "http://a.test/x", &["a.test"][..]),
+            (V::HTTP_11, "/x", &["[::1]:8080"][..]),
+            (V::HTTP_11, "/x", &["a.test:"][..]),
         ];
         for (v, uri, hosts) in ok {
             let mut p = parts(v, uri, hosts);
@@ -122,6 +140,11 @@ mod tests {
             (V::HTTP_11, "a.test:80", &["a.test"][..]),
             (V::HTTP_2, "http://a.test/x", &["b.test"][..]),
             (V::HTTP_2, "http://evil@a.test/x", &[][..]),
+            (V::HTTP_11, "/x", &["a.test:abc"][..]),
+            (V::HTTP_11, "/x", &["a.test:99999"][..]),
+            (V::HTTP_11, "/x", &["[::1]:x"][..]),
+            (V::HTTP_11, "http://a.test:99999/x", &[][..]),
+            (V::HTTP_2, "http://a.test:8o/x", &[][..]),
         ];
         for (v, uri, hosts) in bad {
             let mut p = parts(v, uri, hosts);
