@@ -28,7 +28,8 @@ pub struct Limits {
 #[derive(clap::Args, Clone, Debug)]
 pub struct LimitArgs {
     /// Largest request line plus headers, in bytes; larger requests get 431.
-    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES")]
+    #[arg(long, default_value_t = Limits::default().max_request_header_bytes, value_name = "BYTES",
+        value_parser = parse_header_limit)]
     pub max_request_headers: usize,
     /// Time a client has to send a request head (and finish a TLS handshake).
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
@@ -46,6 +47,24 @@ pub struct LimitArgs {
     /// when a pod or port is removed, before their connections are closed anyway.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
+}
+
+/// Smallest and largest `--max-request-headers`: below 1 KiB ordinary browser requests get 431,
+/// above 1 MiB one slow client could hold megabytes of buffer.
+const HEADER_LIMIT_RANGE: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
+
+fn parse_header_limit(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !HEADER_LIMIT_RANGE.contains(&n) {
+        return Err(format!(
+            "{n} bytes is out of range: must be between {} and {}",
+            HEADER_LIMIT_RANGE.start(),
+            HEADER_LIMIT_RANGE.end()
+        ));
+    }
+    Ok(n)
 }
 
 impl LimitArgs {
@@ -250,5 +269,14 @@ mod tests {
         assert!(!limits.too_many_headers(&parts));
         parts.headers.append("x-one-more", "1".parse().unwrap());
         assert!(limits.too_many_headers(&parts));
+    }
+
+    #[test]
+    fn header_limits_outside_1_kib_to_1_mib_are_refused() {
+        for bad in ["0", "1023", "2097152", "abc", "-1"] {
+            assert!(parse_header_limit(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_header_limit("1024"), Ok(1024));
+        assert_eq!(parse_header_limit("65536"), Ok(65536));
     }
 }
