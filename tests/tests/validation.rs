@@ -373,6 +373,32 @@ fn kind_and_api_version_typos_are_errors_not_silent_skips() {
         errs.iter().any(|e| e.contains("HTTPRoute: no apiVersion")),
         "{errs:#?}"
     );
+    let errs = errors(
+        "apiVersion: gateway.networking.k8s.io/v7\nkind: HTTPRoute\nmetadata: {name: a, namespace: shop}\nspec: {}\n",
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e
+                .contains("HTTPRoute shop/a: unsupported apiVersion gateway.networking.k8s.io/v7")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_document_that_is_not_a_mapping_is_not_read_as_one() {
+    // serde would take a list's items for apiVersion and kind, in order.
+    for (doc, shape) in [
+        ("- gateway.networking.k8s.io/v1\n- HTTPRoute\n", "a list"),
+        ("- v1\n- List\n", "a list"),
+        ("42\n", "a number"),
+    ] {
+        let errs = errors(doc);
+        assert!(
+            errs.iter().any(|e| e.contains("bad.yaml:1:")
+                && e.contains(&format!("not a Kubernetes resource: {shape}"))),
+            "{doc:?}: {errs:#?}"
+        );
+    }
 }
 
 #[test]

@@ -186,7 +186,7 @@ fn load_file(file: &Path, out: &mut Resources, diags: &mut Diagnostics) {
             api_version: String::new(),
             kind: String::new(),
         });
-        if meta.kind == "List" {
+        if meta.kind == "List" && doc.value.is_object() {
             let items = match doc.value.get("items") {
                 Some(Value::Array(items)) => items.clone(),
                 None | Some(Value::Null) => vec![],
@@ -220,6 +220,17 @@ fn load_file(file: &Path, out: &mut Resources, diags: &mut Diagnostics) {
     }
 }
 
+/// `namespace/name` as written (`default` when the namespace is left out), for messages about
+/// resources that are not loaded.
+fn resource_name(value: &Value) -> String {
+    let field = |path| value.pointer(path).and_then(Value::as_str);
+    format!(
+        "{}/{}",
+        field("/metadata/namespace").unwrap_or("default"),
+        field("/metadata/name").unwrap_or("(unnamed)")
+    )
+}
+
 struct DocContext {
     file: Arc<Path>,
     line: usize,
@@ -228,6 +239,22 @@ struct DocContext {
 }
 
 fn load_object(value: Value, ctx: DocContext, out: &mut Resources, diags: &mut Diagnostics) {
+    // serde would read a list's items as the fields, in order.
+    let shape = match &value {
+        Value::Object(_) => None,
+        Value::Array(_) => Some("a list"),
+        Value::String(_) => Some("a string"),
+        Value::Number(_) => Some("a number"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Null => None,
+    };
+    if let Some(shape) = shape {
+        return diags.push(file_error(
+            &ctx.file,
+            Some(ctx.line),
+            format!("not a Kubernetes resource: {shape}, not a mapping with apiVersion and kind"),
+        ));
+    }
     let meta: TypeMeta = match serde_json::from_value(value.clone()) {
         Ok(m) => m,
         Err(e) => {
@@ -304,9 +331,11 @@ fn load_object(value: Value, ctx: DocContext, out: &mut Resources, diags: &mut D
                 &ctx.file,
                 Some(ctx.line),
                 format!(
-                    "{} {}: unsupported apiVersion; use {GATEWAY_GROUP}/v1 for HTTPRoute and Gateway, \
-                     {AGENTGATEWAY_GROUP}/v1alpha1 for AgentgatewayPolicy",
-                    meta.kind, meta.api_version
+                    "{} {}: unsupported apiVersion {}; use {GATEWAY_GROUP}/v1 (or v1beta1) for \
+                     HTTPRoute and Gateway, {AGENTGATEWAY_GROUP}/v1alpha1 for AgentgatewayPolicy",
+                    meta.kind,
+                    resource_name(&value),
+                    meta.api_version
                 ),
             ))
         }
