@@ -155,6 +155,12 @@ impl CorsPolicy {
         if credentials {
             lint_catch_all_origins(&origins, &mut report);
         }
+        if matches!(&origins, AllowOrigins::List(list) if list.is_empty()) {
+            report.lint(
+                "allowOrigins",
+                "no origin is allowed: every cross-origin request on this route is denied",
+            );
+        }
         let expose_headers = match expose {
             AllowList::Unset => None,
             AllowList::Any => {
@@ -523,5 +529,13 @@ mod tests {
 
         let (_, lints) = CorsPolicy::compile(&spec(&entries), None).unwrap();
         assert!(lints.is_empty(), "without credentials: {lints:?}");
+    }
+
+    #[test]
+    fn a_policy_that_allows_no_origin_is_linted() {
+        let (_, lints) = CorsPolicy::compile(&CorsSpec::default(), None).unwrap();
+        let fields: Vec<_> = lints.iter().map(|l| l.field.as_str()).collect();
+        assert_eq!(fields, ["allowOrigins"]);
+        assert!(lints[0].reason.contains("no origin is allowed"));
     }
 }
