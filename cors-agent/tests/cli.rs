@@ -207,3 +207,30 @@ fn explain_warns_when_the_browser_will_still_block_an_allowed_preflight() {
     ]);
     assert!(text(&out).0.contains("browser:  the preflight passes"));
 }
+
+#[test]
+fn explain_shows_the_400_the_proxy_answers_before_routing() {
+    for (url, reason) in [
+        ("https://www.example.com/a%2Fb", "encoded slash"),
+        ("https://user@www.example.com/get", "userinfo"),
+    ] {
+        let out = cors_agent(&["explain", "-f", "examples/httpbin.yaml", url]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stdout.contains("400 Bad Request"), "{url}: {stdout}");
+        assert!(stdout.contains(reason), "{url}: {stdout}");
+        assert!(!stdout.contains("route:"), "{url}: routed anyway: {stdout}");
+    }
+    // Dot segments are resolved before routing, as the proxy does.
+    let out = cors_agent(&[
+        "explain",
+        "-f",
+        "examples/httpbin.yaml",
+        "https://www.example.com/x/../get",
+    ]);
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("request:  GET https://www.example.com/get"),
+        "{stdout}"
+    );
+}

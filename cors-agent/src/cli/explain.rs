@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
 use crate::cors::{AllowList, CorsPolicy, Decision, OriginMatch, RequestKind, UnmatchedPreflights};
@@ -53,9 +54,41 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
         }
     };
     eprint!("{diags}");
+    // What the proxy does before routing: a request it refuses is never routed.
+    let uri = match admitted(&method, &uri, &headers) {
+        Ok(uri) => uri,
+        Err(e) => {
+            print!("request:  {method} {uri}\nanswer:   400 Bad Request, before routing: {e}\n");
+            return ExitCode::SUCCESS;
+        }
+    };
     let verdict = decide(&table, &method, &uri, &headers, args.unmatched_preflights);
     print!("{}", render(&method, &uri, &verdict));
     ExitCode::SUCCESS
+}
+
+/// The URL as the proxy routes it (path normalised), or the reason it answers 400: the request
+/// goes through the proxy's own checks, sent as HTTP/1.1 with the URL's host in `Host`.
+fn admitted(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Uri, String> {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut parts = http::Request::builder()
+        .method(method.clone())
+        .uri(target)
+        .body(())
+        .map_err(|e| e.to_string())?
+        .into_parts()
+        .0;
+    parts.headers = headers.clone();
+    if !parts.headers.contains_key(HOST) {
+        let host = HeaderValue::from_str(authority).map_err(|e| e.to_string())?;
+        parts.headers.insert(HOST, host);
+    }
+    crate::proxy::admit(&mut parts).map_err(|e| e.to_string())?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"))
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())
 }
 
 fn parse_request(args: &ExplainArgs) -> Result<(Method, Uri, HeaderMap), String> {

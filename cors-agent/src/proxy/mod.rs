@@ -43,6 +43,7 @@ pub use limits::{LimitArgs, Limits, parse_duration};
 pub use observe::Metrics;
 pub use pipeline::ProxyBody;
 pub use server::{ConnContext, serve_connection, serve_listener};
+pub use target::admit;
 pub use upstream::{UpstreamBody, UpstreamClient};
 
 /// Everything the connections of one agent share. Built once; the configuration inside is

@@ -12,7 +12,7 @@ use super::path;
 
 /// Checks the request's host and path, and normalises the path (and, for an absolute-form
 /// target, the Host header) in place, so that routing and forwarding see the same request.
-pub(super) fn admit(parts: &mut Parts) -> Result<(), ProxyError> {
+pub fn admit(parts: &mut Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         // Answered with 501 without being routed.
         return Ok(());
