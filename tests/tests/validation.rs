@@ -385,6 +385,19 @@ fn kind_and_api_version_typos_are_errors_not_silent_skips() {
 }
 
 #[test]
+fn an_absurdly_long_name_is_shown_cut_short() {
+    let name = "x".repeat(100_000);
+    let errs = errors(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}A}}\nspec: {{}}\n"
+    ));
+    assert!(!errs.is_empty());
+    for e in &errs {
+        assert!(e.len() < 1000, "{} bytes: {}...", e.len(), &e[..200]);
+        assert!(e.contains("(100001 bytes)"), "{e}");
+    }
+}
+
+#[test]
 fn a_document_that_is_not_a_mapping_is_not_read_as_one() {
     // serde would take a list's items for apiVersion and kind, in order.
     for (doc, shape) in [

@@ -226,9 +226,22 @@ fn resource_name(value: &Value) -> String {
     let field = |path| value.pointer(path).and_then(Value::as_str);
     format!(
         "{}/{}",
-        field("/metadata/namespace").unwrap_or("default"),
-        field("/metadata/name").unwrap_or("(unnamed)")
+        shown(field("/metadata/namespace").unwrap_or("default")),
+        shown(field("/metadata/name").unwrap_or("(unnamed)"))
     )
+}
+
+/// A name as messages show it: whole up to the 253 characters a Kubernetes name may have,
+/// cut short beyond (one absurd name must not fill the terminal once per message).
+fn shown(name: &str) -> String {
+    if name.len() <= 253 {
+        return name.to_string();
+    }
+    let mut end = 60;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &name[..end], name.len())
 }
 
 struct DocContext {
@@ -346,7 +359,7 @@ fn load_object(value: Value, ctx: DocContext, out: &mut Resources, diags: &mut D
                 .unwrap_or("(unnamed)");
             diags.push(Diagnostic {
                 severity: Severity::Warning,
-                resource: Some(format!("{} {name}", meta.kind)),
+                resource: Some(format!("{} {}", meta.kind, shown(name))),
                 ..file_error(
                     &ctx.file,
                     Some(ctx.line),
@@ -373,8 +386,8 @@ fn typed<S: DeserializeOwned>(
         .unwrap_or("default");
     let id = ResourceId {
         kind,
-        namespace: namespace.to_string(),
-        name: name.unwrap_or("(unnamed)").to_string(),
+        namespace: shown(namespace),
+        name: shown(name.unwrap_or("(unnamed)")),
     };
     let diag = |field: String, reason: String| Diagnostic {
         severity: Severity::Error,
@@ -390,7 +403,10 @@ fn typed<S: DeserializeOwned>(
     if !is_dns_label(namespace) {
         diags.push(diag(
             "metadata.namespace".into(),
-            format!("{namespace:?} is not a valid namespace: lower-case letters, digits and '-', at most 63"),
+            format!(
+                "{:?} is not a valid namespace: lower-case letters, digits and '-', at most 63",
+                shown(namespace)
+            ),
         ));
         return None;
     }
@@ -402,7 +418,8 @@ fn typed<S: DeserializeOwned>(
         Some(n) if !is_dns_subdomain(n) => diags.push(diag(
             "metadata.name".into(),
             format!(
-                "{n:?} is not a valid name: lower-case letters, digits, '-' and '.', at most 253"
+                "{:?} is not a valid name: lower-case letters, digits, '-' and '.', at most 253",
+                shown(n)
             ),
         )),
         _ => {}
