@@ -29,7 +29,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// The app, as ip:port.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_upstream)]
     pub upstream: SocketAddr,
     /// A YAML file or a folder of *.yaml / *.yml files (repeatable), as with kubectl apply -f.
     #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
@@ -264,4 +264,17 @@ pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Outpu
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+/// An app address: `ip:port`, where nothing can listen on port 0 or an unspecified address.
+fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not ip:port (host names are not resolved)"))?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(format!(
+            "{addr}: the app needs a real address and a port other than 0"
+        ));
+    }
+    Ok(addr)
 }

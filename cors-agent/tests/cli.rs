@@ -234,3 +234,19 @@ fn explain_shows_the_400_the_proxy_answers_before_routing() {
         "{stdout}"
     );
 }
+
+#[test]
+fn proxy_refuses_an_upstream_nothing_can_listen_on() {
+    for upstream in ["127.0.0.1:0", "0.0.0.0:8000", "app:8000"] {
+        let out = cors_agent(&[
+            "proxy",
+            "--upstream",
+            upstream,
+            "-f",
+            "examples/httpbin.yaml",
+        ]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{upstream}: {stderr}");
+        assert!(stderr.contains("--upstream"), "{upstream}: {stderr}");
+    }
+}
