@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::cli::EXIT_INVALID;
 use crate::cors::UnmatchedPreflights;
@@ -132,8 +132,8 @@ pub(crate) fn run_agent(main: impl Future<Output = anyhow::Result<()>>) -> ExitC
     crate::proxy::flush_access_log();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Once, plainly: as a log line too it was printed twice on the same stderr.
         Err(e) => {
-            error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
