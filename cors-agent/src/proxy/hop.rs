@@ -18,6 +18,15 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Every header [`strip`] may remove or rewrite.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    TE,
+    UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 ///
@@ -43,18 +52,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 /// `Upgrade` header and `Connection: upgrade` are what the next hop needs, so they stay.
 pub(super) fn strip(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the names, cheaper than a lookup for each: most messages have none.
-    let hop_by_hop = |name: &HeaderName| {
-        [
-            CONNECTION,
-            TRANSFER_ENCODING,
-            TE,
-            UPGRADE,
-            KEEP_ALIVE,
-            PROXY_CONNECTION,
-        ]
-        .contains(name)
-    };
-    if !headers.keys().any(hop_by_hop) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         if upgrade {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }

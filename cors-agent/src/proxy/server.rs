@@ -322,7 +322,7 @@ async fn serve_h1(
             // `None` only after an upgrade, which ends the connection instead.
             let parts = conn.into_parts()?;
             let io = parts.io.into_inner();
-            // Copied, even when empty: a slice of hyper's read buffer keeps all of it alive.
+            // Copied: a slice of hyper's read buffer would keep all of it alive.
             let ahead = match (parts.read_buf.is_empty(), io.prefix.is_empty()) {
                 (true, true) => Bytes::new(),
                 _ => [&parts.read_buf[..], &io.prefix[..]].concat().into(),

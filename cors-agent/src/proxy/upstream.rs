@@ -177,8 +177,9 @@ impl Pool {
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle.lock().ok()?;
         let (_, list) = idle.by_app.iter_mut().find(|(a, _)| *a == addr)?;
+        let now = Instant::now();
         while let Some(conn) = list.pop() {
-            if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
+            if conn.sender.is_ready() && conn.alive_at(now) {
                 return Some(conn.sender);
             }
         }

@@ -145,7 +145,7 @@ pub struct NetnsWorker {
 impl NetnsWorker {
     /// A worker for `ns`; fails if the namespace cannot be entered (checked once, here).
     /// Blocks until the namespace thread has tried (microseconds unless it is busy).
-    pub fn spawn(ns: &NetNs, _name: &str) -> io::Result<Self> {
+    pub fn spawn(ns: &NetNs) -> io::Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let worker = Self {
             ns: Arc::new(ns.try_clone()?),

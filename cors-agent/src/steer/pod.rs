@@ -294,7 +294,7 @@ impl PodSteering {
                     source,
                 })
         };
-        let worker = NetnsWorker::spawn(&netns, pod).map_err(enter_err)?;
+        let worker = NetnsWorker::spawn(&netns).map_err(enter_err)?;
         let listener_err = |source| SteerError::Listener {
             pod: pod.to_owned(),
             path: netns_path.to_path_buf(),
