@@ -13,6 +13,7 @@ use crate::cors::ResponseEdits;
 
 use super::forward::ConnectError;
 use super::path::PathError;
+use super::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -41,7 +42,7 @@ pub enum ProxyError {
     Upstream {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: UpstreamError,
     },
     /// The client's request body broke while it was being forwarded (a malformed chunk, a
     /// client gone mid-body): the client's fault, not the app's.

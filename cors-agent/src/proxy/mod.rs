@@ -44,7 +44,7 @@ pub use observe::Metrics;
 pub use pipeline::ProxyBody;
 pub use server::{ConnContext, serve_connection, serve_listener};
 pub use target::admit;
-pub use upstream::{UpstreamBody, UpstreamClient};
+pub use upstream::{UpstreamBody, UpstreamClient, UpstreamError};
 
 /// Everything the connections of one agent share. Built once; the configuration inside is
 /// swapped whole on reload.

@@ -150,17 +150,14 @@ async fn forward(
     let req = upstream_request(parts, body, conn.peer, conn.tls, upgrade)?;
     let mut response = shared.upstream.send(req, conn.upstream).await?;
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    match (switched, client_upgrade) {
-        (true, Some(client)) => {
-            let app = hyper::upgrade::on(&mut response);
-            upgrade::tunnel(client, app, shared.clone());
-        }
-        (true, None) => {
+    match (response.body_mut().take_switched(), client_upgrade) {
+        (Some(app), Some(client)) => upgrade::tunnel(client, app, shared.clone()),
+        (Some(_), None) => {
             return Err(ProxyError::UnexpectedUpgrade {
                 addr: conn.upstream,
             });
         }
-        (false, _) => {}
+        (None, _) => {}
     }
     hop::strip(response.headers_mut(), switched);
     Ok(response.map(Either::Left))
