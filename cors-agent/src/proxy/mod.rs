@@ -7,6 +7,7 @@
 //! [`Connect`] is the one thing node mode replaces), limits and metrics.
 
 mod access_log;
+mod decode;
 mod errors;
 mod forward;
 mod hop;

@@ -46,12 +46,10 @@ pub enum UpstreamError {
     Io(#[from] io::Error),
     #[error("the app closed the connection before responding")]
     Closed,
-    #[error("the app closed the connection in the middle of the response")]
+    #[error("the app closed the connection in the middle of the response head")]
     Truncated,
     #[error("{0}")]
     Malformed(&'static str),
-    #[error("malformed chunked body: {0}")]
-    BadChunk(&'static str),
 }
 
 /// A connection to an app and what has been read from it but not yet used.
@@ -66,11 +64,6 @@ impl AppConn {
             stream,
             buf: BytesMut::new(),
         }
-    }
-
-    /// Reads more into the buffer; `false` at end of stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        poll_fill(Pin::new(&mut self.stream), &mut self.buf, cx)
     }
 
     /// Whether the app has neither closed the connection nor sent anything unasked. The
@@ -94,7 +87,8 @@ impl AppConn {
     }
 }
 
-fn poll_fill<R: AsyncRead>(
+/// Reads more into `buf`; `false` at end of stream.
+pub(super) fn poll_fill<R: AsyncRead>(
     stream: Pin<&mut R>,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
