@@ -11,6 +11,7 @@ use http_body_util::Full;
 
 use crate::cors::ResponseEdits;
 
+use super::client::BoxError;
 use super::forward::ConnectError;
 use super::path::PathError;
 use super::upstream::UpstreamError;
@@ -49,7 +50,7 @@ pub enum ProxyError {
     #[error("the client's request body could not be read")]
     ClientBody {
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     #[error("the app at {addr} switched protocols without being asked to")]
     UnexpectedUpgrade { addr: SocketAddr },

@@ -15,9 +15,9 @@ use http::header::HOST;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Uri, Version};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
+use super::client::ClientBody;
 use super::errors::ProxyError;
 use super::hop;
 
@@ -55,11 +55,11 @@ pub enum ConnectError {
 /// forwarding ones, sent as HTTP/1.1 in origin form, with the client's Host kept.
 pub(super) fn upstream_request(
     mut parts: Parts,
-    body: Incoming,
+    body: ClientBody,
     peer: SocketAddr,
     tls: bool,
     upgrade: bool,
-) -> Result<Request<Incoming>, ProxyError> {
+) -> Result<Request<ClientBody>, ProxyError> {
     let path = parts
         .uri
         .path_and_query()

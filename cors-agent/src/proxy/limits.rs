@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use http::header::COOKIE;
 use http::request::Parts;
-use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
@@ -120,35 +119,21 @@ impl Limits {
         total > self.max_request_header_bytes
     }
 
-    /// hyper's own head limit, above ours on purpose: a head between the two is answered by
-    /// the pipeline with 431 *and* CORS headers; only a head beyond twice the limit gets
-    /// hyper's bare 431.
-    fn hyper_head_cap(&self) -> usize {
+    /// The most of a head the servers read, above the limit on purpose: a head between the
+    /// two is answered by the pipeline with 431 *and* CORS headers; only a head beyond twice
+    /// the limit gets a bare 431.
+    pub(super) fn head_cap(&self) -> usize {
         self.max_request_header_bytes
             .saturating_mul(2)
             .max(16 * 1024)
     }
 
-    /// The HTTP/1.1 server for plain connections. hyper's header-read timer only runs while a
-    /// request head arrives: between requests the socket is parked outside hyper, and the idle
-    /// timeout applies.
-    pub(super) fn http1_builder(&self) -> http1::Builder {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            .max_buf_size(self.hyper_head_cap())
-            .max_headers(2 * MAX_REQUEST_HEADER_FIELDS)
-            .keep_alive(true);
-        builder
-    }
-
-    /// The HTTP/1.1 + HTTP/2 server for TLS connections and plain HTTP/2. Its HTTP/1.1 is set
-    /// up as [`Limits::http1_builder`]; there hyper's header-read timer also runs while a
-    /// connection waits for its next request, so the idle timeout is at most the header-read
-    /// timeout.
+    /// hyper's HTTP/1.1 + HTTP/2 server, for TLS connections and plain HTTP/2. Its HTTP/1.1
+    /// reads heads as the agent's own server does; there hyper's header-read timer also runs
+    /// while a connection waits for its next request, so the idle timeout is at most the
+    /// header-read timeout.
     pub(super) fn http_builder(&self) -> auto::Builder<TokioExecutor> {
-        let hard_cap = self.hyper_head_cap();
+        let hard_cap = self.head_cap();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()

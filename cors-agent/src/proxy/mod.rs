@@ -7,13 +7,14 @@
 //! [`Connect`] is the one thing node mode replaces), limits and metrics.
 
 mod access_log;
-mod decode;
+mod client;
 mod errors;
 mod forward;
+mod framing;
+mod h1;
 mod hop;
 mod limits;
 mod observe;
-mod park;
 mod path;
 mod pipeline;
 pub mod reload;
@@ -29,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::http1;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
@@ -58,8 +58,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The pod this state serves (node mode): a label on request metrics and access logs.
     pub pod: Option<Arc<str>>,
-    /// Plain HTTP/1.1 connections.
-    http1: http1::Builder,
     /// TLS connections, and plain ones that start like HTTP/2.
     http: auto::Builder<TokioExecutor>,
     /// `true` once the agent is draining. Every connection holds a receiver, so
@@ -93,7 +91,6 @@ impl Shared {
         Arc::new(Self {
             config: ArcSwap::new(snapshot),
             upstream,
-            http1: limits.http1_builder(),
             http: limits.http_builder(),
             limits,
             metrics,

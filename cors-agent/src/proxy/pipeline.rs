@@ -9,13 +9,12 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
 use crate::cors::{self, Decision, PreflightAnswer};
 use crate::engine::{Verdict, decide};
 
+use super::client::{ClientBody, ClientUpgrade};
 use super::errors::{self, ProxyError, chain};
 use super::forward::upstream_request;
 use super::hop;
@@ -29,7 +28,7 @@ use super::{Shared, target, upgrade};
 pub type ProxyBody = Observed<Either<UpstreamBody, Full<Bytes>>>;
 
 pub(super) async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     in_flight: InFlight,
     conn: Arc<ConnState>,
     shared: Arc<Shared>,
@@ -137,13 +136,13 @@ fn preflight(answer: &PreflightAnswer<'_>) -> Response<Either<UpstreamBody, Full
 /// Sends the request to the app and returns its response head with the body still streaming.
 async fn forward(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: ClientBody,
     conn: &ConnState,
     shared: &Arc<Shared>,
 ) -> Result<Response<Either<UpstreamBody, Full<Bytes>>>, ProxyError> {
     let upgrade = hop::is_upgrade(parts.version, &parts.method, &parts.headers);
     let client_upgrade = if upgrade {
-        parts.extensions.remove::<OnUpgrade>()
+        ClientUpgrade::take(&mut parts.extensions)
     } else {
         None
     };

@@ -11,10 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::UPGRADE;
 use http::{Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
@@ -25,10 +23,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::client::ClientBody;
 use super::errors::chain;
 use super::limits::Limits;
-use super::park::{IdleProbe, ParkIo};
-use super::{Metrics, ProxyBody, Shared, pipeline};
+use super::{Metrics, ProxyBody, Shared, h1, pipeline};
 
 /// Where a connection came from and where its requests go. Proxy mode and node mode both
 /// build one and call [`serve_connection`].
@@ -49,13 +47,11 @@ pub(super) struct ConnState {
     pub peer: SocketAddr,
     pub upstream: SocketAddr,
     pub tls: bool,
-    opened: Instant,
+    pub opened: Instant,
     requests: AtomicU64,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last response ended.
     idle_since_ms: AtomicU64,
-    /// What the socket saw of hyper, on a plain HTTP/1.1 connection.
-    pub probe: IdleProbe,
 }
 
 /// A request in flight on its connection, until dropped.
@@ -66,35 +62,20 @@ impl Drop for InFlight {
         let conn = &self.0;
         let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         conn.idle_since_ms.store(ms, Ordering::Relaxed);
-        conn.probe.response_ended();
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ConnState {
-    /// Counts a request from the moment hyper hands it over; `quiet` when it has no body and
-    /// asks for no upgrade.
-    fn request_started(self: &Arc<Self>, quiet: bool) -> InFlight {
+    /// Counts a request from the moment its head has been read.
+    pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.probe.request_started(quiet);
         InFlight(self.clone())
     }
 
     pub(super) fn has_in_flight(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    /// Whether hyper has waited at least `after` for the next request, with nothing in flight
-    /// and nothing to write. The probe's flags are as of hyper's last poll, and nothing has
-    /// woken hyper since if it is still waiting.
-    fn waited_between_requests(&self, after: Duration) -> bool {
-        if self.has_in_flight() || !self.probe.can_park() {
-            return false;
-        }
-        let idle_since =
-            self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        Instant::now() >= idle_since + after
     }
 
     /// What the watchdog should do now, or when to look again.
@@ -167,14 +148,34 @@ pub fn serve_connection(
         requests: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
-        probe: IdleProbe::default(),
     });
-    let tls = ctx.tls;
-    async move {
-        let _open = open;
-        match tls {
-            Some(acceptor) => Box::pin(serve_tls(stream, acceptor, state, shared)).await,
-            None => serve_plain(stream, state, shared).await,
+    // No async block around these: it would hold the plain connection's future twice.
+    match ctx.tls {
+        Some(acceptor) => Serving::Tls {
+            serving: Box::pin(serve_tls(stream, acceptor, state, shared, open)),
+        },
+        None => Serving::Plain {
+            serving: serve_plain(h1::Conn::new(stream), state, shared, open),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection served one way or the other.
+    #[project = ServingProj]
+    enum Serving<T, P> {
+        Tls { #[pin] serving: T },
+        Plain { #[pin] serving: P },
+    }
+}
+
+impl<T: Future<Output = ()>, P: Future<Output = ()>> Future for Serving<T, P> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project() {
+            ServingProj::Tls { serving } => serving.poll(cx),
+            ServingProj::Plain { serving } => serving.poll(cx),
         }
     }
 }
@@ -184,6 +185,7 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     state: Arc<ConnState>,
     shared: Arc<Shared>,
+    _open: OpenConnection,
 ) {
     let handshake =
         tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream));
@@ -200,57 +202,55 @@ async fn serve_tls(
     }
 }
 
-/// How long a plain HTTP/1.1 connection waits for its next request inside hyper before its
-/// buffers are given back. Re-creating them costs about a tenth of a proxied request's CPU, so
-/// connections that are busy keep them; idle keep-alive connections, the many, do not.
-const PARK_AFTER: Duration = Duration::from_millis(100);
-
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Plain TCP. HTTP/1.1 is served one busy stretch at a time, with the socket parked between
-/// requests (see `park.rs`); HTTP/2 with prior knowledge, and anything that starts like it,
-/// goes to hyper-util's server for good.
-async fn serve_plain(mut stream: TcpStream, state: Arc<ConnState>, shared: Arc<Shared>) {
+/// Plain TCP: HTTP/1.1 on the agent's own server, with the socket parked between busy
+/// stretches; HTTP/2 with prior knowledge, and anything that starts like it, on hyper-util's.
+async fn serve_plain(
+    mut conn: h1::Conn,
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+    _open: OpenConnection,
+) {
     let mut drain = shared.drain_signal();
     let limits = &shared.limits;
-    // A fresh socket may report itself readable before any byte came (Tokio says so), so the
-    // first wait peeks; after hyper has read to `WouldBlock`, readiness is exact.
-    let mut start = [0; H2_PREFACE.len()];
-    let peek = |cx: &mut Context<'_>| stream.poll_peek(cx, &mut ReadBuf::new(&mut start));
-    match park(peek, &state, limits, &mut drain).await {
-        None | Some(0) => return,
-        Some(n) if H2_PREFACE.starts_with(&start[..n]) => {
-            return Box::pin(serve_auto(stream, &state, &shared)).await;
+    let h2 = {
+        // A fresh socket may report itself readable before any byte came (Tokio says so), so
+        // the first wait peeks.
+        let mut start = [0; H2_PREFACE.len()];
+        let peek = |cx: &mut Context<'_>| conn.poll_peek(cx, &mut ReadBuf::new(&mut start));
+        match park(peek, &state, limits, &mut drain).await {
+            None | Some(0) => return,
+            Some(n) => H2_PREFACE.starts_with(&start[..n]),
         }
-        Some(_) => {}
+    };
+    if h2 {
+        if let Some((stream, _)) = conn.into_parts() {
+            Box::pin(serve_auto(stream, &state, &shared)).await;
+        }
+        return;
     }
-    let mut prefix = Bytes::new();
     loop {
-        let io = ParkIo {
-            stream,
-            prefix,
-            conn: state.clone(),
-        };
-        let Some((back, ahead)) = Box::pin(serve_h1(io, &state, &shared, &mut drain)).await else {
+        // Busy stretches in a box: between them, this future is the connection's whole cost.
+        match Box::pin(h1::serve(&mut conn, &state, &shared, &mut drain)).await {
+            h1::Served::Parked => {}
+            h1::Served::Closed => return,
+            h1::Served::Switched(tunnel) => return conn.switch(tunnel),
+        }
+        let _idle = IdleGauge::new(&shared.metrics);
+        let readable = |cx: &mut Context<'_>| conn.poll_read_ready(cx);
+        if park(readable, &state, limits, &mut drain).await.is_none() {
             return;
-        };
-        (stream, prefix) = (back, ahead);
-        if prefix.is_empty() {
-            let _idle = IdleGauge::new(&shared.metrics);
-            let readable = |cx: &mut Context<'_>| stream.poll_read_ready(cx);
-            if park(readable, &state, limits, &mut drain).await.is_none() {
-                return;
-            }
         }
     }
 }
 
 /// Counts a connection as idle while it is parked, however the wait ends.
-struct IdleGauge<'a>(&'a Metrics);
+pub(super) struct IdleGauge<'a>(&'a Metrics);
 
 impl<'a> IdleGauge<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
+    pub(super) fn new(metrics: &'a Metrics) -> Self {
         metrics.connection_parked(true);
         Self(metrics)
     }
@@ -300,38 +300,6 @@ async fn park<T>(
     }
 }
 
-/// HTTP/1.1 on a fresh hyper connection, until the connection ends (`None`) or hyper waits
-/// for the next request with everything written: then the socket comes back, with whatever
-/// hyper had read of the next request.
-async fn serve_h1(
-    io: ParkIo,
-    state: &Arc<ConnState>,
-    shared: &Arc<Shared>,
-    drain: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, Bytes)> {
-    state.probe.reset();
-    let mut conn = shared
-        .http1
-        .serve_connection(TokioIo::new(io), service(state, shared))
-        .with_upgrades();
-    let shutdown =
-        |c: Pin<&mut _>| hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c);
-    match drive(Pin::new(&mut conn), shutdown, state, shared, drain, true).await {
-        Driven::Ended => None,
-        Driven::Parked => {
-            // `None` only after an upgrade, which ends the connection instead.
-            let parts = conn.into_parts()?;
-            let io = parts.io.into_inner();
-            // Copied: a slice of hyper's read buffer would keep all of it alive.
-            let ahead = match (parts.read_buf.is_empty(), io.prefix.is_empty()) {
-                (true, true) => Bytes::new(),
-                _ => [&parts.read_buf[..], &io.prefix[..]].concat().into(),
-            };
-            Some((io.stream, ahead))
-        }
-    }
-}
-
 /// HTTP/1.1 or HTTP/2 as hyper-util's server finds it, to the end of the connection.
 async fn serve_auto<IO>(io: IO, state: &Arc<ConnState>, shared: &Arc<Shared>)
 where
@@ -343,7 +311,7 @@ where
     tokio::pin!(conn);
     let mut drain = shared.drain_signal();
     let shutdown = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
-    drive(conn.as_mut(), shutdown, state, shared, &mut drain, false).await;
+    drive(conn.as_mut(), shutdown, state, shared, &mut drain).await;
 }
 
 /// The pipeline as hyper calls it, once per request.
@@ -361,30 +329,25 @@ fn service(
     let state = state.clone();
     let shared = shared.clone();
     service_fn(move |req: Request<Incoming>| {
-        let quiet = req.body().is_end_stream() && !req.headers().contains_key(UPGRADE);
-        let in_flight = state.request_started(quiet);
-        pipeline::handle(req, in_flight, state.clone(), shared.clone())
+        let in_flight = state.request_started();
+        pipeline::handle(
+            req.map(ClientBody::Hyper),
+            in_flight,
+            state.clone(),
+            shared.clone(),
+        )
     })
 }
 
-enum Driven {
-    Ended,
-    /// hyper is between requests, with nothing left to write.
-    Parked,
-}
-
 /// Polls a hyper connection to its end, closing it gracefully when the agent drains or the
-/// watchdog says so; with `may_park`, stops once it has waited [`PARK_AFTER`] between
-/// requests.
+/// watchdog says so.
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
     state: &ConnState,
     shared: &Shared,
     drain: &mut watch::Receiver<bool>,
-    may_park: bool,
-) -> Driven
-where
+) where
     C: Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -395,7 +358,7 @@ where
         closing = true;
     }
     loop {
-        let mut next = match state.watch(limits.header_read_timeout, limits.idle_timeout) {
+        let next = match state.watch(limits.header_read_timeout, limits.idle_timeout) {
             Watch::Later(at) => at,
             Watch::Idle if closing => Instant::now() + limits.idle_timeout,
             Watch::Idle => {
@@ -406,17 +369,9 @@ where
             }
             Watch::NoRequest => {
                 Watch::NoRequest.log(state);
-                return Driven::Ended;
+                return;
             }
         };
-        if may_park && !closing {
-            // Looked at on a timer, not at every request: a busy connection costs a wake-up
-            // per `PARK_AFTER`, nothing per request.
-            if state.waited_between_requests(PARK_AFTER) {
-                return Driven::Parked;
-            }
-            next = next.min(Instant::now() + PARK_AFTER);
-        }
         tokio::select! {
             biased;
             result = conn.as_mut() => {
@@ -424,7 +379,7 @@ where
                     let e = e.into();
                     debug!(peer = %state.peer, error = %chain(&*e), "connection ended with an error");
                 }
-                return Driven::Ended;
+                return;
             }
             _ = drain.changed(), if !closing => {
                 shutdown(conn.as_mut());
@@ -436,7 +391,7 @@ where
 }
 
 /// Keeps the open-connections gauge right however the connection ends.
-struct OpenConnection(Arc<Shared>);
+pub(super) struct OpenConnection(Arc<Shared>);
 
 impl OpenConnection {
     fn new(shared: &Arc<Shared>) -> Self {

@@ -4,38 +4,49 @@
 
 use std::sync::Arc;
 
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::Shared;
+use super::client::ClientUpgrade;
 use super::upstream::AppConn;
 
-pub(super) fn tunnel(client: OnUpgrade, app: AppConn, shared: Arc<Shared>) {
+pub(super) fn tunnel(client: ClientUpgrade, app: AppConn, shared: Arc<Shared>) {
     // Holding a drain receiver makes shutdown wait (up to its grace period) for the tunnel.
     let drain = shared.drain_signal();
     tokio::spawn(async move {
         let _drain = drain;
-        let client = match client.await {
-            Ok(client) => client,
-            Err(e) => {
-                debug!(error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let (mut app, early) = app.into_parts();
-        // What the app sent right behind its 101 is the first of the new protocol.
-        if !early.is_empty()
-            && let Err(e) = client.write_all(&early).await
-        {
-            debug!(error = %e, "tunnel ended with an error");
-            return;
-        }
-        match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-            Ok((up, down)) => debug!(up, down, "tunnel closed"),
-            Err(e) => debug!(error = %e, "tunnel ended with an error"),
+        let (app, from_app) = app.into_parts();
+        match client {
+            ClientUpgrade::Wire(on) => match on.get().await {
+                Some((client, from_client)) => join(client, &from_client, app, &from_app).await,
+                None => debug!("upgrade did not complete"),
+            },
+            ClientUpgrade::Hyper(on) => match on.await {
+                Ok(client) => join(TokioIo::new(client), &[], app, &from_app).await,
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            },
         }
     });
+}
+
+/// Copies both ways, first what each side sent right behind the switch.
+async fn join<C, A>(mut client: C, from_client: &[u8], mut app: A, from_app: &[u8])
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let early = async {
+        app.write_all(from_client).await?;
+        client.write_all(from_app).await
+    };
+    if let Err(e) = early.await {
+        debug!(error = %e, "tunnel ended with an error");
+        return;
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        Ok((up, down)) => debug!(up, down, "tunnel closed"),
+        Err(e) => debug!(error = %e, "tunnel ended with an error"),
+    }
 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tracing::debug;
 
-use super::super::decode::{self, DecodeError, Decoder};
+use super::super::framing::{self, DecodeError, Decoder};
 use super::pool::Lease;
 use super::wire::Framing;
 use super::{AppConn, BodyFailed, Upload};
@@ -29,13 +29,13 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     pub(super) fn new(framing: Framing, mut lease: Lease, upload: Option<Upload>) -> Self {
         let framing = match framing {
-            Framing::Empty => decode::Framing::Empty,
-            Framing::Length(n) => decode::Framing::Length(n),
-            Framing::Chunked => decode::Framing::Chunked,
-            Framing::UntilClose => decode::Framing::UntilClose,
+            Framing::Empty => framing::Framing::Empty,
+            Framing::Length(n) => framing::Framing::Length(n),
+            Framing::Chunked => framing::Framing::Chunked,
+            Framing::UntilClose => framing::Framing::UntilClose,
             Framing::Switched => {
                 return Self {
-                    decoder: Decoder::new(decode::Framing::Empty),
+                    decoder: Decoder::new(framing::Framing::Empty),
                     conn: None,
                     switched: Some(lease.into_conn()),
                     upload: None,
@@ -43,7 +43,7 @@ impl UpstreamBody {
             }
         };
         // Sent on only while the response lasts: the connection cannot be reused after.
-        lease.reusable &= upload.is_none() && framing != decode::Framing::UntilClose;
+        lease.reusable &= upload.is_none() && framing != framing::Framing::UntilClose;
         let mut body = Self {
             decoder: Decoder::new(framing),
             conn: Some(lease),

@@ -23,11 +23,12 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
 use http::{Method, Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::client::{BoxError, ClientBody};
 use super::errors::ProxyError;
 use super::forward::{Connect, ConnectError};
 use super::limits::Limits;
@@ -120,7 +121,7 @@ impl UpstreamClient {
     /// the response head, within the response timeout (which includes connecting).
     pub(super) async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         addr: SocketAddr,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         match tokio::time::timeout(self.response_timeout, self.exchange(req, addr)).await {
@@ -134,7 +135,7 @@ impl UpstreamClient {
 
     async fn exchange(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         addr: SocketAddr,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (parts, body) = req.into_parts();
@@ -183,7 +184,7 @@ impl UpstreamClient {
 }
 
 /// How the request's body goes out: as the client framed it when its length is known.
-fn sending(parts: &Parts, body: &Incoming) -> Sending {
+fn sending(parts: &Parts, body: &ClientBody) -> Sending {
     if body.is_end_stream() {
         return Sending::Nothing;
     }
@@ -232,7 +233,7 @@ impl Progress {
 enum Failed {
     Upstream(UpstreamError, Progress),
     /// The client's request body broke: the client's fault.
-    ClientBody(hyper::Error),
+    ClientBody(BoxError),
 }
 
 impl Failed {
@@ -251,7 +252,7 @@ impl Failed {
 async fn roundtrip(
     lease: &mut Lease,
     head: &[u8],
-    body: &mut Option<Incoming>,
+    body: &mut Option<ClientBody>,
     sending: Sending,
     method: &Method,
 ) -> Result<(ResponseHead, Option<Upload>), Failed> {
@@ -344,13 +345,13 @@ fn poll_head<R: AsyncRead>(
 }
 
 pub(super) enum BodyFailed {
-    Client(hyper::Error),
+    Client(BoxError),
     Io(io::Error),
 }
 
 /// The client's request body on its way to the app, in the framing [`Sending`] chose.
 pub(super) struct Upload {
-    body: Incoming,
+    body: ClientBody,
     chunked: bool,
     /// Framed bytes not yet written.
     out: Bytes,
@@ -359,7 +360,7 @@ pub(super) struct Upload {
 }
 
 impl Upload {
-    fn new(body: Incoming, sending: Sending) -> Self {
+    fn new(body: ClientBody, sending: Sending) -> Self {
         Self {
             body,
             chunked: sending == Sending::Chunked,
@@ -398,7 +399,7 @@ impl Upload {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {
                         let mut out = BytesMut::with_capacity(data.len() + 20);
-                        wire::put_chunk_size(&mut out, data.len());
+                        super::framing::put_chunk_size(&mut out, data.len());
                         out.extend_from_slice(&data);
                         out.extend_from_slice(b"\r\n");
                         self.out = out.freeze();
@@ -408,7 +409,7 @@ impl Upload {
                         // Trailers travel only in chunked coding; the body ends with them.
                         if let (Ok(trailers), true) = (frame.into_trailers(), self.chunked) {
                             let mut out = BytesMut::new();
-                            wire::put_last_chunk(&mut out, Some(&trailers));
+                            super::framing::put_last_chunk(&mut out, Some(&trailers));
                             self.out = out.freeze();
                             self.finished = true;
                         }

@@ -75,33 +75,6 @@ fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-/// A data chunk's header in chunked transfer coding.
-pub(super) fn put_chunk_size(out: &mut BytesMut, len: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = len;
-    loop {
-        at -= 1;
-        digits[at] = HEX[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[at..]);
-    out.put_slice(b"\r\n");
-}
-
-/// The last chunk, with trailers if any.
-pub(super) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
-    out.put_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        put_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    out.put_slice(b"\r\n");
-}
-
 /// A response head as read from the app.
 #[derive(Debug)]
 pub(super) struct ResponseHead {
@@ -299,20 +272,6 @@ mod tests {
         out.clear();
         encode_request(&parts, Sending::Nothing, &mut out);
         assert!(out.ends_with(b"content-length: 999\r\nx-one: 1\r\n\r\n"));
-    }
-
-    #[test]
-    fn chunk_sizes_are_lowercase_hex() {
-        for (len, text) in [
-            (0, "0\r\n"),
-            (10, "a\r\n"),
-            (4096, "1000\r\n"),
-            (255, "ff\r\n"),
-        ] {
-            let mut out = BytesMut::new();
-            put_chunk_size(&mut out, len);
-            assert_eq!(out, text);
-        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Message bodies as HTTP/1.1 frames them (RFC 9112 §6-7): the one decoder behind request
-//! bodies from clients and response bodies from apps. Strict on purpose: a lenient chunk
-//! parser is how request smuggling starts.
+//! bodies from clients and response bodies from apps, and chunked coding going out. Strict on
+//! purpose: a lenient chunk parser is how request smuggling starts.
 
 use std::io;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
@@ -152,6 +152,36 @@ impl Decoder {
             }
         }
     }
+}
+
+/// A data chunk's header in chunked coding: the size in lowercase hex, CRLF.
+pub(super) fn put_chunk_size(out: &mut BytesMut, len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = len;
+    loop {
+        at -= 1;
+        digits[at] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[at..]);
+    out.put_slice(b"\r\n");
+}
+
+/// The last chunk, with trailer fields if any.
+pub(super) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
+    out.put_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
 }
 
 /// What a chunked-coding parser step found at the start of the buffer, which it consumed.
@@ -313,6 +343,20 @@ mod tests {
         }
         let long = format!("1;{}", "a".repeat(MAX_CHUNK_LINE + 1));
         assert!(decode(&long, 10_000).is_err_and(|e| e.contains("too long")));
+    }
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        for (len, text) in [
+            (0, "0\r\n"),
+            (10, "a\r\n"),
+            (4096, "1000\r\n"),
+            (255, "ff\r\n"),
+        ] {
+            let mut out = BytesMut::new();
+            put_chunk_size(&mut out, len);
+            assert_eq!(out, text);
+        }
     }
 
     #[test]
