@@ -33,6 +33,14 @@ impl Handover {
     pub(super) fn take(&self) -> Option<(Reader, bool)> {
         self.returned.lock().ok()?.take()
     }
+
+    /// Whether the body was dropped before its end (the agent answered without reading it):
+    /// the connection cannot carry another request.
+    pub(super) fn abandoned(&self) -> bool {
+        self.returned
+            .lock()
+            .is_ok_and(|slot| matches!(*slot, Some((_, false))))
+    }
 }
 
 pub struct RequestBody {

@@ -219,15 +219,18 @@ async fn exchange(
         Ok(response) => response,
         Err(never) => match never {},
     };
+    let mut close = !keep_alive || *drain.borrow();
     if let Some(handover) = &handover {
         handover.responded.store(true, Ordering::Relaxed);
+        // Say so in the response: the client must not send another request after it.
+        close |= handover.abandoned();
     }
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS && switch.is_some();
     let out = Outgoing {
         version,
         head_request,
         trailers,
-        close: !keep_alive || *drain.borrow(),
+        close,
     };
     let written = write_response(&mut conn.writer, response, out).await;
     // The response is gone, and with it whatever the pipeline held of the request body.
@@ -298,9 +301,12 @@ async fn read_head(
         if between && *drain.borrow() {
             return Wait::Close;
         }
+        // The first head is due a header-read timeout after the connection opened; later
+        // ones after their first byte, and that first byte an idle timeout after the last
+        // response.
         let deadline = match (started, waited_since) {
-            (Some(at), _) => at + limits.header_read_timeout,
-            (None, None) => state.opened + limits.header_read_timeout,
+            (_, None) => state.opened + limits.header_read_timeout,
+            (Some(at), Some(_)) => at + limits.header_read_timeout,
             (None, Some(at)) => at + limits.idle_timeout,
         };
         // Between requests, the connection parks after a while.
