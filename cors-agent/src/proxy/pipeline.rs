@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use tracing::debug;
 
@@ -129,6 +129,8 @@ pub(super) async fn handle(
 /// A preflight answered here: 200, `content-length: 0`, the policy's headers.
 fn preflight(answer: &PreflightAnswer<'_>) -> Response<Either<UpstreamBody, Full<Bytes>>> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    // Sized for the answer's fields at once: growing a map field by field rehashes it.
+    *response.headers_mut() = HeaderMap::with_capacity(8);
     answer.write_headers(response.headers_mut());
     response
 }

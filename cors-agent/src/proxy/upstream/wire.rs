@@ -142,7 +142,8 @@ pub(super) fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Pars
         })
         .collect();
     let head: Bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the CORS fields the pipeline adds: growing the map rehashes it.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 6);
     for (name, value) in fields {
         let name = HeaderName::from_bytes(&head[name])
             .map_err(|_| UpstreamError::Malformed("a response header name is not valid"))?;
