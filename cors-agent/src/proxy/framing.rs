@@ -1,13 +1,14 @@
-//! Message bodies as HTTP/1.1 frames them (RFC 9112 §6-7): the one decoder behind request
-//! bodies from clients and response bodies from apps, and chunked coding going out. Strict on
-//! purpose: a lenient chunk parser is how request smuggling starts.
+//! HTTP/1.1 message framing (RFC 9112 §6-7), for the agent's server and its client alike: the
+//! one decoder behind request bodies from clients and response bodies from apps, chunked
+//! coding going out, and the header fields that decide framing. Strict on purpose: a lenient
+//! parser is how request smuggling starts.
 
 use std::io;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
 
 /// The longest chunk-size line accepted, extensions included.
@@ -154,6 +155,49 @@ impl Decoder {
     }
 }
 
+/// The `Content-Length` of a message: `Ok(None)` when it has none; an error when a value is
+/// not a number or two values differ (`5, 5` is one length).
+pub(super) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(item.trim_ascii()).ok_or("the Content-Length is not valid")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Decimal digits only (no sign, no spaces), at most what a u64 holds.
+pub(super) fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Whether a comma-separated field (`Connection`, `TE`, ...) lists `token`, in any case.
+pub(super) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// `name: value` CRLF.
+pub(super) fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
 /// A data chunk's header in chunked coding: the size in lowercase hex, CRLF.
 pub(super) fn put_chunk_size(out: &mut BytesMut, len: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -176,10 +220,7 @@ pub(super) fn put_chunk_size(out: &mut BytesMut, len: usize) {
 pub(super) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
     out.put_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.put_slice(b"\r\n");
 }

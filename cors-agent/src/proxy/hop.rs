@@ -12,6 +12,7 @@ use http::header::{
 };
 use http::{Method, Version};
 
+use super::framing::has_token;
 use super::text;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -37,15 +38,8 @@ pub(super) fn is_upgrade(version: Version, method: &Method, headers: &HeaderMap)
     version == Version::HTTP_11
         && method != Method::CONNECT
         && headers.contains_key(UPGRADE)
-        && has_token(headers, CONNECTION, "upgrade")
-        && !has_token(headers, UPGRADE, "h2c")
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+        && has_token(headers, &CONNECTION, "upgrade")
+        && !has_token(headers, &UPGRADE, "h2c")
 }
 
 /// Removes hop-by-hop headers from a message about to cross the agent. For an upgrade, the

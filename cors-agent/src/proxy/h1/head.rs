@@ -13,7 +13,7 @@ use http::header::{
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use super::super::framing::Framing;
+use super::super::framing::{Framing, content_length, has_token, put_field};
 
 /// The longest request target accepted (what `http::Uri` can hold); longer ones get 414.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -171,37 +171,9 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> 
             )),
         };
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(item.trim_ascii())
-                .ok_or(HeadError::Invalid("the Content-Length is not valid"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(HeadError::Invalid("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    Ok(match content_length(headers).map_err(HeadError::Invalid)? {
         None | Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
-    })
-}
-
-pub(super) fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-pub(super) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
@@ -266,13 +238,6 @@ pub(super) fn encode_response(
         (_, true) => put_field(out, b"connection", b"close"),
         (_, false) => {}
     }
-    out.put_slice(b"\r\n");
-}
-
-fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
     out.put_slice(b"\r\n");
 }
 

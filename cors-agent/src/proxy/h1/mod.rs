@@ -352,11 +352,12 @@ async fn write_response(
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut close = out.close && !switched || head::has_token(&parts.headers, &CONNECTION, "close");
+    let mut close =
+        out.close && !switched || framing::has_token(&parts.headers, &CONNECTION, "close");
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
-        .and_then(|v| head::parse_length(v.as_bytes()));
+        .and_then(|v| framing::parse_length(v.as_bytes()));
     let sending = if out.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

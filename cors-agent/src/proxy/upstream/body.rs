@@ -8,9 +8,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tracing::debug;
 
-use super::super::framing::{self, DecodeError, Decoder};
+use super::super::framing::{DecodeError, Decoder, Framing};
 use super::pool::Lease;
-use super::wire::Framing;
 use super::{AppConn, BodyFailed, Upload};
 
 /// The app's response body; its connection goes back to the pool when the body has been read
@@ -27,23 +26,23 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub(super) fn new(framing: Framing, mut lease: Lease, upload: Option<Upload>) -> Self {
-        let framing = match framing {
-            Framing::Empty => framing::Framing::Empty,
-            Framing::Length(n) => framing::Framing::Length(n),
-            Framing::Chunked => framing::Framing::Chunked,
-            Framing::UntilClose => framing::Framing::UntilClose,
-            Framing::Switched => {
-                return Self {
-                    decoder: Decoder::new(framing::Framing::Empty),
-                    conn: None,
-                    switched: Some(lease.into_conn()),
-                    upload: None,
-                };
-            }
-        };
+    /// `switched`: the response is a 101, and the connection goes to the tunnel instead.
+    pub(super) fn new(
+        framing: Framing,
+        switched: bool,
+        mut lease: Lease,
+        upload: Option<Upload>,
+    ) -> Self {
+        if switched {
+            return Self {
+                decoder: Decoder::new(Framing::Empty),
+                conn: None,
+                switched: Some(lease.into_conn()),
+                upload: None,
+            };
+        }
         // Sent on only while the response lasts: the connection cannot be reused after.
-        lease.reusable &= upload.is_none() && framing != framing::Framing::UntilClose;
+        lease.reusable &= upload.is_none() && framing != Framing::UntilClose;
         let mut body = Self {
             decoder: Decoder::new(framing),
             conn: Some(lease),

@@ -200,7 +200,8 @@ fn response_with(
     upload: Option<Upload>,
 ) -> Response<UpstreamBody> {
     lease.reusable &= head.keep_alive;
-    let mut response = Response::new(UpstreamBody::new(head.framing, lease, upload));
+    let switched = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let mut response = Response::new(UpstreamBody::new(head.framing, switched, lease, upload));
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
     *response.headers_mut() = head.headers;

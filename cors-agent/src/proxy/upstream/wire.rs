@@ -11,6 +11,7 @@ use http::header::{
 use http::request::Parts;
 use http::{Method, StatusCode, Version};
 
+use super::super::framing::{Framing, content_length, has_token, put_field};
 use super::UpstreamError;
 
 /// The most header fields a response head may have (what hyper's client allowed).
@@ -27,19 +28,6 @@ pub(super) enum Sending {
     Length(u64),
     /// A body of unknown length: chunked, with any trailers the client sent.
     Chunked,
-}
-
-/// How the response body is delimited (RFC 9112 §6.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Framing {
-    /// No body: a response to HEAD, a 204 or a 304.
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Everything until the app closes the connection.
-    UntilClose,
-    /// 101: the connection now belongs to another protocol.
-    Switched,
 }
 
 /// Writes the request head: `parts` in origin form as HTTP/1.1, with the framing header
@@ -65,13 +53,6 @@ pub(super) fn encode_request(parts: &Parts, sending: Sending, out: &mut BytesMut
         }
         Sending::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
     }
-    out.put_slice(b"\r\n");
-}
-
-fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
     out.put_slice(b"\r\n");
 }
 
@@ -152,7 +133,7 @@ pub(super) fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Pars
         headers.append(name, value);
     }
     let (framing, mut keep_alive) = framing(status, method, &mut headers)?;
-    keep_alive &= version == Version::HTTP_11 && !has_token(&headers, CONNECTION, "close");
+    keep_alive &= version == Version::HTTP_11 && !has_token(&headers, &CONNECTION, "close");
     Ok(Parsed::Final(ResponseHead {
         status,
         version,
@@ -171,7 +152,8 @@ fn framing(
     headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), UpstreamError> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((Framing::Switched, false));
+        // No body: the connection now belongs to another protocol.
+        return Ok((Framing::Empty, false));
     }
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -194,40 +176,12 @@ fn framing(
             (Framing::UntilClose, false)
         });
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(item.trim_ascii()).ok_or(UpstreamError::Malformed(
-                "the response's Content-Length is not valid",
-            ))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(UpstreamError::Malformed(
-                    "the response has conflicting Content-Length values",
-                ));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::UntilClose, false),
-    })
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    Ok(
+        match content_length(headers).map_err(UpstreamError::Malformed)? {
+            Some(n) => (Framing::Length(n), true),
+            None => (Framing::UntilClose, false),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -295,7 +249,7 @@ mod tests {
         let h = head("HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n");
         assert_eq!(h.framing, Framing::Empty);
         let h = head("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n");
-        assert_eq!((h.framing, h.keep_alive), (Framing::Switched, false));
+        assert_eq!((h.framing, h.keep_alive), (Framing::Empty, false));
         match parse(
             "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
             Method::HEAD,
