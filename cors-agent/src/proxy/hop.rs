@@ -45,14 +45,23 @@ pub(super) fn is_upgrade(version: Version, method: &Method, headers: &HeaderMap)
 /// Removes hop-by-hop headers from a message about to cross the agent. For an upgrade, the
 /// `Upgrade` header and `Connection: upgrade` are what the next hop needs, so they stay.
 pub(super) fn strip(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names, cheaper than a lookup for each: most messages have none.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        if upgrade {
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    // One pass over the names notes which are there: a lookup or removal for each of them was
+    // most of this function's cost, and most messages carry one at most.
+    let mut present = [false; 6];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
         }
-        return;
     }
-    if headers.contains_key(CONNECTION) {
+    let [
+        connection,
+        transfer_encoding,
+        te,
+        upgrade_field,
+        keep_alive,
+        proxy_connection,
+    ] = present;
+    if connection {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
@@ -67,15 +76,21 @@ pub(super) fn strip(headers: &mut HeaderMap, upgrade: bool) {
         }
         headers.remove(CONNECTION);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    if headers.contains_key(TE) && !has_only_trailers(headers) {
+    if keep_alive {
+        headers.remove(KEEP_ALIVE);
+    }
+    if proxy_connection {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if transfer_encoding {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    if te && headers.contains_key(TE) && !has_only_trailers(headers) {
         headers.remove(TE);
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if upgrade_field {
         headers.remove(UPGRADE);
     }
 }
