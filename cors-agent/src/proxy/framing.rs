@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use hyper::body::{Frame, SizeHint};
 
 /// The longest chunk-size line accepted, extensions included.
@@ -171,6 +171,40 @@ pub(super) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'stati
     Ok(length)
 }
 
+/// What a message's `Transfer-Encoding` says about its body (RFC 9112 §6.1, §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Codings {
+    /// `chunked` alone: the one coding the agent decodes and re-frames.
+    Chunked,
+    /// Other codings under a final `chunked`: the length is clear, but the agent could not
+    /// pass the content on with the codings it was told about, so it does not take it.
+    Unsupported,
+    /// No single final `chunked`: where the body ends is not known.
+    Unframed,
+}
+
+/// The transfer codings of a message that has a `Transfer-Encoding` field.
+pub(super) fn transfer_codings(headers: &HeaderMap) -> Codings {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    let is_chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
+    if !codings.next_back().is_some_and(is_chunked) {
+        return Codings::Unframed;
+    }
+    let mut before = codings.peekable();
+    if before.peek().is_none() {
+        Codings::Chunked
+    } else if before.any(is_chunked) {
+        Codings::Unframed
+    } else {
+        Codings::Unsupported
+    }
+}
+
 /// Decimal digits only (no sign, no spaces), at most what a u64 holds.
 pub(super) fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
@@ -291,6 +325,9 @@ fn trailers(buf: &mut BytesMut) -> Result<Step, DecodeError> {
         Ok(httparse::Status::Partial) => return Ok(Step::More),
         Err(_) => return Err(DecodeError::BadChunk("the trailer section is not valid")),
     };
+    if !crlf_only(&buf[..len]) {
+        return Err(DecodeError::BadChunk("a trailer line does not end in CRLF"));
+    }
     let mut map = HeaderMap::with_capacity(parsed.len());
     for field in parsed {
         let (Ok(name), Ok(value)) = (
@@ -303,6 +340,15 @@ fn trailers(buf: &mut BytesMut) -> Result<Step, DecodeError> {
     }
     buf.advance(len);
     Ok(Step::Trailers(Some(map)))
+}
+
+/// Whether every line in `section` ends in CRLF: httparse takes a bare LF too, and a body
+/// that ends where the app sees none is a smuggled request.
+fn crlf_only(section: &[u8]) -> bool {
+    section
+        .iter()
+        .enumerate()
+        .all(|(at, &b)| b != b'\n' || (at > 0 && section[at - 1] == b'\r'))
 }
 
 #[cfg(test)]
@@ -376,6 +422,9 @@ mod tests {
             "11111111111111111\r\n",
             "5;\x01\r\nhello\r\n0\r\n\r\n",
             "0\r\nbad trailer\r\n\r\n",
+            "0\r\n\n",
+            "0\r\nx-t: 1\n\r\n",
+            "0\r\nx-t: 1\r\n\n",
         ] {
             assert!(
                 decode(raw, 1000).is_err_and(|e| e.contains("malformed")),

@@ -18,6 +18,7 @@ mod observe;
 mod path;
 mod pipeline;
 pub mod reload;
+mod rewind;
 mod server;
 mod target;
 mod text;

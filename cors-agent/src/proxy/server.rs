@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use super::client::ClientBody;
 use super::errors::chain;
 use super::limits::Limits;
+use super::rewind::Rewind;
 use super::{Metrics, ProxyBody, Shared, h1, pipeline};
 
 /// Where a connection came from and where its requests go. Proxy mode and node mode both
@@ -215,19 +216,28 @@ async fn serve_plain(
 ) {
     let mut drain = shared.drain_signal();
     let limits = &shared.limits;
-    let h2 = {
-        // A fresh socket may report itself readable before any byte came (Tokio says so), so
-        // the first wait peeks.
-        let mut start = [0; H2_PREFACE.len()];
-        let peek = |cx: &mut Context<'_>| conn.poll_peek(cx, &mut ReadBuf::new(&mut start));
-        match park(peek, &state, limits, &mut drain).await {
-            None | Some(0) => return,
-            Some(n) => H2_PREFACE.starts_with(&start[..n]),
+    // The first bytes are read, not peeked: a client may send the start of the HTTP/2
+    // preface and wait, and only the whole preface picks hyper's server. Anything else is
+    // HTTP/1.1 for the agent's own, strict, parser.
+    let h2 = loop {
+        let readable = |cx: &mut Context<'_>| conn.poll_read_ready(cx);
+        if park(readable, &state, limits, &mut drain).await.is_none() {
+            return;
+        }
+        match poll_fn(|cx| Poll::Ready(conn.poll_fill(cx))).await {
+            Poll::Ready(Ok(true)) => {}
+            Poll::Ready(_) => return,
+            // Readiness without bytes, which a fresh socket may report (Tokio says so).
+            Poll::Pending => continue,
+        }
+        let start = conn.buffered();
+        if start.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(start) {
+            break start.starts_with(H2_PREFACE);
         }
     };
     if h2 {
-        if let Some((stream, _)) = conn.into_parts() {
-            Box::pin(serve_auto(stream, &state, &shared)).await;
+        if let Some((stream, read)) = conn.into_parts() {
+            Box::pin(serve_auto(Rewind::new(read, stream), &state, &shared)).await;
         }
         return;
     }

@@ -13,7 +13,9 @@ use http::header::{
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use super::super::framing::{Framing, content_length, has_token, put_field};
+use super::super::framing::{
+    Codings, Framing, content_length, has_token, put_field, transfer_codings,
+};
 
 /// The longest request target accepted (what `http::Uri` can hold); longer ones get 414.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -42,6 +44,8 @@ pub(super) enum HeadError {
     TooLarge,
     /// 414.
     UriTooLong,
+    /// 501: a transfer coding other than chunked (RFC 9112 §6.1).
+    NotImplemented,
 }
 
 impl HeadError {
@@ -50,6 +54,7 @@ impl HeadError {
             HeadError::Invalid(_) => StatusCode::BAD_REQUEST,
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -156,18 +161,11 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> 
                 "both Transfer-Encoding and Content-Length",
             ));
         }
-        let mut codings = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|c| !c.is_empty());
-        let last = codings.next_back();
-        let chunked_once = codings.all(|c| !c.eq_ignore_ascii_case(b"chunked"));
-        return match last {
-            Some(c) if c.eq_ignore_ascii_case(b"chunked") && chunked_once => Ok(Framing::Chunked),
-            _ => Err(HeadError::Invalid(
-                "a Transfer-Encoding that does not end in chunked",
+        return match transfer_codings(headers) {
+            Codings::Chunked => Ok(Framing::Chunked),
+            Codings::Unsupported => Err(HeadError::NotImplemented),
+            Codings::Unframed => Err(HeadError::Invalid(
+                "a Transfer-Encoding that does not end in one chunked",
             )),
         };
     }
@@ -343,7 +341,11 @@ mod tests {
             assert!(matches!(parse(raw), Err(HeadError::Invalid(_))), "{raw:?}");
         }
         assert_eq!(
-            head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n").framing,
+            parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n").unwrap_err(),
+            HeadError::NotImplemented
+        );
+        assert_eq!(
+            head("POST / HTTP/1.1\r\nTransfer-Encoding: ,Chunked\r\n\r\n").framing,
             Framing::Chunked
         );
         assert_eq!(

@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Body;
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
@@ -137,16 +137,18 @@ impl Conn {
         }
     }
 
-    /// Looks at what the client sent first, leaving it to be read.
-    pub(super) fn poll_peek(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<usize>> {
+    /// Reads what the client sent so far into the connection's buffer: `false` when it
+    /// closed. Whatever is read there is the start of the first request.
+    pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         match &mut self.reader {
-            Some(reader) => reader.half.poll_peek(cx, buf),
-            None => Poll::Ready(Ok(0)),
+            Some(reader) => poll_fill(Pin::new(&mut reader.half), &mut reader.buf, cx),
+            None => Poll::Ready(Ok(false)),
         }
+    }
+
+    /// What was read and not yet taken by a request.
+    pub(super) fn buffered(&self) -> &[u8] {
+        self.reader.as_ref().map_or(&[], |reader| &reader.buf)
     }
 
     /// The socket whole again, and what was read of it but not used.

@@ -11,7 +11,9 @@ use http::header::{
 use http::request::Parts;
 use http::{Method, StatusCode, Version};
 
-use super::super::framing::{Framing, content_length, has_token, put_field};
+use super::super::framing::{
+    Codings, Framing, content_length, has_token, put_field, transfer_codings,
+};
 use super::UpstreamError;
 
 /// The most header fields a response head may have (what hyper's client allowed).
@@ -163,18 +165,13 @@ fn framing(
     }
     if headers.contains_key(TRANSFER_ENCODING) {
         let both = headers.remove(CONTENT_LENGTH).is_some();
-        let chunked = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked {
-            (Framing::Chunked, !both)
-        } else {
-            (Framing::UntilClose, false)
-        });
+        return match transfer_codings(headers) {
+            Codings::Chunked => Ok((Framing::Chunked, !both)),
+            // The agent would pass the content on without the codings that make sense of it.
+            Codings::Unsupported | Codings::Unframed => Err(UpstreamError::Malformed(
+                "a transfer coding other than chunked",
+            )),
+        };
     }
     Ok(
         match content_length(headers).map_err(UpstreamError::Malformed)? {
@@ -235,13 +232,9 @@ mod tests {
         assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(5));
-        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n");
-        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
         let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         assert!(!h.headers.contains_key(CONTENT_LENGTH));
-        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");
-        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
         let h = head("HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
@@ -314,6 +307,10 @@ mod tests {
         );
         assert!(refused("HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\n\r\n").contains("not HTTP/1.1"));
         assert!(refused("HTTP/1.1 200 OK\r\nx-a: a\0b\r\n\r\n").contains("not"));
+        for coding in ["gzip, chunked", "gzip", "chunked, chunked", "chunked, gzip"] {
+            let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {coding}\r\n\r\n");
+            assert!(refused(&raw).contains("transfer coding"), "{coding}");
+        }
         let many: String = (0..=MAX_RESPONSE_HEADERS)
             .map(|i| format!("x-{i}: 1\r\n"))
             .collect();
