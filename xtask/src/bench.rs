@@ -155,7 +155,7 @@ pub fn run(args: Bench) -> Result<()> {
     let agent = setup::build_agent()?;
     setup::raise_fd_limit()?;
     let plan = Plan::from(&args);
-    let out_dir = setup::target_dir().join("bench");
+    let out_dir = crate::target_dir().join("bench");
     let work = out_dir.join(format!("work-{}", std::process::id()));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     println!(

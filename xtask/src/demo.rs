@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::workspace_root;
+use crate::{target_dir, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Demo {
@@ -47,7 +47,7 @@ pub fn run(args: Demo) -> Result<()> {
         .status()
         .context("running cargo build")?;
     ensure!(status.success(), "cargo build -p cors-agent failed");
-    let binary = root.join("target/debug/cors-agent");
+    let binary = target_dir().join("debug/cors-agent");
 
     let (agent_port, app_port) = if args.smoke {
         (free_port()?, free_port()?)

@@ -58,3 +58,13 @@ fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
+
+/// Where the builds xtask starts put their output: `CARGO_TARGET_DIR`, or `<root>/target`.
+/// Those builds run in the workspace root, so a relative `CARGO_TARGET_DIR` starts there.
+fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::ci::apt_install;
-use crate::workspace_root;
+use crate::{target_dir, workspace_root};
 
 /// (program, Debian package) the bench runs.
 const TOOLS: &[(&str, &str)] = &[
@@ -76,12 +76,6 @@ pub fn build_agent() -> Result<PathBuf> {
     let binary = target_dir().join("release/cors-agent");
     ensure!(binary.exists(), "{} is missing", binary.display());
     Ok(binary)
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Raises the open-file limit to the hard limit (raising that needs CAP_SYS_RESOURCE, which
