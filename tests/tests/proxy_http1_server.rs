@@ -556,11 +556,19 @@ async fn a_bare_lf_ending_the_trailer_section_is_refused_like_every_other_bare_l
         let rest = early_bytes(&mut wire, Duration::from_millis(500)).await;
         let seen = setup.backend.take_requests();
         let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
-        if reply.status != 400 || !wire.eof || !rest.is_empty() || paths.contains(&"/secret") {
+        // The answer says the connection closes (RFC 9112 §9.6), and it does.
+        if reply.status != 400
+            || !reply.closes()
+            || !wire.eof
+            || !rest.is_empty()
+            || paths.contains(&"/secret")
+        {
             failures.push(format!(
-                "{chunks:?}: the client got {} {:?} then {rest:?}; the app got {paths:?}",
+                "{chunks:?}: the client got {} {:?} (connection: close said: {}) then {rest:?}; \
+                 the app got {paths:?}",
                 reply.status,
-                reply.text()
+                reply.text(),
+                reply.closes()
             ));
         }
     }
@@ -1540,4 +1548,64 @@ async fn a_request_cut_where_it_looks_like_the_h2_preface_is_held_to_the_same_fr
         outcomes.iter().all(|o| o.contains("Some((400,")),
         "{outcomes:#?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// What operators see of refused heads.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_refused_before_it_is_a_request_is_logged_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(Reply::default()).await;
+    let agent = AgentBuilder::new(backend.addr, write_resources(dir.path(), "r.yaml", ROUTE))
+        .admin()
+        .spawn()
+        .unwrap();
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    for (raw, status, reason) in [
+        (
+            head(
+                "POST",
+                "/a",
+                "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+            ),
+            400,
+            "both Transfer-Encoding and Content-Length",
+        ),
+        (
+            head("POST", "/a", "Transfer-Encoding: gzip, chunked\r\n"),
+            501,
+            "a transfer coding other than chunked",
+        ),
+        (long_target, 414, "the request target is too long"),
+    ] {
+        let mut wire = Wire::connect(agent.addr()).await;
+        let reply = wire.exchange(&raw).await;
+        assert_eq!(reply.status, status, "{reason}");
+        let line = format!(
+            "method=- host=\"-\" path=\"-\" status={status} route=none policy=\"none\" \
+             cors=\"no_policy\" bytes=0 duration_ms=0 complete=true error=\"{reason}\""
+        );
+        assert!(
+            agent.wait_for_log(&line, IO),
+            "no access-log line {line:?} in:\n{}",
+            agent.log()
+        );
+    }
+
+    let mut admin = Wire::connect(agent.admin_addr()).await;
+    let metrics = admin
+        .exchange("GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .text();
+    for code in [400, 414, 501] {
+        let series = format!(
+            "cors_agent_requests_total{{route=\"none\",cors=\"no_policy\",code=\"{code}\"}} 1"
+        );
+        assert!(metrics.contains(&series), "no {series:?} in:\n{metrics}");
+    }
+    assert!(backend.requests().is_empty());
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, Version};
@@ -249,6 +249,18 @@ impl Metrics {
         }
     }
 
+    /// A request head refused before it was read as a request: no route, no decision.
+    fn request_refused(&self, pod: Option<&Arc<str>>, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                pod: PodLabel(pod.cloned()),
+                route: "none".into(),
+                cors: Outcome::NoPolicy.as_str(),
+                code: status,
+            })
+            .inc();
+    }
+
     fn request_done(&self, pod: Option<&Arc<str>>, r: &Record, status: u16, seconds: f64) {
         let outcome = r.outcome.as_str();
         self.requests
@@ -422,6 +434,33 @@ impl Drop for Report {
             }
         });
     }
+}
+
+/// Counts and logs a request head the agent refused before it could be read as a request
+/// (ambiguous framing, too large): like an answer on no route, with `-` for what is unknown.
+pub(super) fn report_refused(shared: &Shared, peer: SocketAddr, status: u16, reason: &str) {
+    shared.metrics.request_refused(shared.pod.as_ref(), status);
+    if !access_log::enabled() {
+        return;
+    }
+    access_log::write_line(|line| {
+        line.addr("peer", peer);
+        if let Some(pod) = shared.pod.as_deref() {
+            line.quoted("pod", pod);
+        }
+        line.plain("proto", "-")
+            .plain("method", "-")
+            .quoted("host", "-")
+            .quoted("path", "-")
+            .number("status", u64::from(status))
+            .plain("route", "none")
+            .quoted("policy", "none")
+            .quoted("cors", Outcome::NoPolicy.as_str())
+            .number("bytes", 0)
+            .millis("duration_ms", Duration::ZERO)
+            .flag("complete", true)
+            .quoted("error", reason);
+    });
 }
 
 /// As `http::Version`'s `Debug` prints it.

@@ -68,11 +68,13 @@ impl RequestBody {
         }
     }
 
-    fn hand_back(&mut self) {
+    /// Gives the read side back to the connection, saying whether the body was read to its
+    /// end (a connection whose body was not cannot carry another request).
+    fn hand_back(&mut self, ended: bool) {
         if let Some(reader) = self.reader.take()
             && let Ok(mut slot) = self.handover.returned.lock()
         {
-            *slot = Some((reader, self.decoder.is_done()));
+            *slot = Some((reader, ended));
         }
     }
 
@@ -111,9 +113,10 @@ impl Body for RequestBody {
             poll_fill(Pin::new(&mut reader.half), buf, cx)
         });
         match &polled {
-            // A broken body leaves the connection mid-request: it closes.
-            Poll::Ready(Some(Err(_))) => this.reader = None,
-            Poll::Ready(_) if this.decoder.is_done() => this.hand_back(),
+            // A broken body leaves the connection mid-request: it closes, and the answer
+            // says so.
+            Poll::Ready(Some(Err(_))) => this.hand_back(false),
+            Poll::Ready(_) if this.decoder.is_done() => this.hand_back(true),
             _ => {}
         }
         polled
@@ -130,6 +133,7 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        self.hand_back();
+        let ended = self.decoder.is_done();
+        self.hand_back(ended);
     }
 }

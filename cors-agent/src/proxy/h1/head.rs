@@ -57,6 +57,16 @@ impl HeadError {
             HeadError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
+
+    /// Why, for the access log.
+    pub(super) fn reason(&self) -> &'static str {
+        match self {
+            HeadError::Invalid(reason) => reason,
+            HeadError::TooLarge => "the request head is too large",
+            HeadError::UriTooLong => "the request target is too long",
+            HeadError::NotImplemented => "a transfer coding other than chunked",
+        }
+    }
 }
 
 /// Parses the request head at the start of `buf`, taking it off the buffer when complete

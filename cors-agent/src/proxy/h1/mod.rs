@@ -34,7 +34,7 @@ use super::framing::Framing;
 use super::limits::MAX_REQUEST_HEADER_FIELDS;
 use super::server::ConnState;
 use super::upstream::poll_fill;
-use super::{ProxyBody, Shared, framing, pipeline};
+use super::{ProxyBody, Shared, framing, observe, pipeline};
 
 pub use body::RequestBody;
 use body::{Handover, Reader};
@@ -92,7 +92,8 @@ pub(super) async fn serve(
                 }
                 Wait::Close => return Served::Closed,
                 Wait::Refuse(error) => {
-                    debug!(peer = %state.peer, ?error, "refused a request head");
+                    let status = error.status().as_u16();
+                    observe::report_refused(shared, state.peer, status, error.reason());
                     let mut out = BytesMut::new();
                     head::refusal(&mut out, &error);
                     let _ = conn.writer.write_all(&out).await;
