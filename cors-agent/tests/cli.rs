@@ -250,3 +250,45 @@ fn proxy_refuses_an_upstream_nothing_can_listen_on() {
         assert!(stderr.contains("--upstream"), "{upstream}: {stderr}");
     }
 }
+
+#[test]
+fn explain_says_no_policy_applies_where_no_route_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("route.yaml");
+    // A policy on one route and nothing on the Gateway: other hosts match no route at all.
+    std::fs::write(
+        &file,
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: shop}
+spec:
+  hostnames: [www.example.com]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://app.example.com"]
+    backendRefs: [{name: app, port: 8080}]
+"#,
+    )
+    .unwrap();
+    let out = cors_agent(&[
+        "explain",
+        "-f",
+        file.to_str().unwrap(),
+        "https://nowhere.example/get",
+        "-H",
+        "origin: https://app.example.com",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("route:    none matched: the agent answers 404"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("policy:   none applies where no route matched"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("passes through"), "{stdout}");
+}

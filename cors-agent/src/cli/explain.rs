@@ -167,6 +167,9 @@ fn render(method: &Method, uri: &Uri, v: &Verdict<'_, '_>) -> String {
     }
 
     match v.policy {
+        None if v.hit.is_none() => {
+            let _ = writeln!(out, "policy:   none applies where no route matched");
+        }
         None => {
             let _ = writeln!(
                 out,
