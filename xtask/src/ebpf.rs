@@ -50,7 +50,7 @@ pub struct BuildEbpf {
 }
 
 pub fn run(args: BuildEbpf) -> Result<()> {
-    let root = workspace_root()?;
+    let root = crate::workspace_root();
     let tools = Prerequisites::ensure(!args.no_install)?;
     if args.check {
         check(&root, &tools)
@@ -369,13 +369,6 @@ fn bpf_linker_llvm_major(path: &OsString) -> Option<u32> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    // xtask lives in <root>/xtask.
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().context("xtask has no parent directory")?;
-    Ok(root.to_path_buf())
 }
 
 fn home() -> Result<PathBuf> {
