@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use cors_agent_tests::agent::{Agent, AgentBuilder, write_resources};
 use cors_agent_tests::backend::{Backend, Reply};
+use cors_agent_tests::client;
 
 const ORIGIN: &str = "https://app.example.com";
 /// Every single read gives up after this long.
@@ -162,10 +163,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 impl Wire {
     async fn connect(addr: SocketAddr) -> Wire {
-        let tcp = tokio::time::timeout(IO, TcpStream::connect(addr))
-            .await
-            .expect("connect in time")
-            .expect("connect");
+        let tcp = client::connect(addr).await.expect("connect");
         Wire {
             tcp,
             buf: Vec::new(),

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use cors_agent_tests::agent::{APP_ROUTE, Agent, AgentBuilder, write_resources};
+use cors_agent_tests::client;
 
 const ORIGIN: &str = "https://app.example.com";
 /// Every single read, on either end, gives up after this long.
@@ -43,10 +44,7 @@ struct Body {
 
 impl Wire {
     async fn connect(addr: SocketAddr) -> Wire {
-        let tcp = tokio::time::timeout(IO, TcpStream::connect(addr))
-            .await
-            .expect("connect in time")
-            .expect("connect");
+        let tcp = client::connect(addr).await.expect("connect");
         Wire {
             tcp,
             buf: Vec::new(),

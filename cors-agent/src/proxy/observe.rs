@@ -249,28 +249,25 @@ impl Metrics {
         }
     }
 
-    /// A request head refused before it was read as a request: no route, no decision.
-    fn request_refused(&self, pod: Option<&Arc<str>>, status: u16) {
+    fn count_request(
+        &self,
+        pod: Option<&Arc<str>>,
+        route: Arc<str>,
+        cors: &'static str,
+        code: u16,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 pod: PodLabel(pod.cloned()),
-                route: "none".into(),
-                cors: Outcome::NoPolicy.as_str(),
-                code: status,
+                route,
+                cors,
+                code,
             })
             .inc();
     }
 
     fn request_done(&self, pod: Option<&Arc<str>>, r: &Record, status: u16, seconds: f64) {
-        let outcome = r.outcome.as_str();
-        self.requests
-            .get_or_create(&RequestLabels {
-                pod: PodLabel(pod.cloned()),
-                route: r.labels.route.clone(),
-                cors: outcome,
-                code: status,
-            })
-            .inc();
+        self.count_request(pod, r.labels.route.clone(), r.outcome.as_str(), status);
         let preflight = match r.outcome {
             Outcome::PreflightAllowed => Some("allowed"),
             Outcome::PreflightDenied => Some("denied"),
@@ -410,57 +407,105 @@ impl Drop for Report {
             .and_then(|h| h.to_str().ok())
             .or_else(|| r.uri.authority().map(|a| a.as_str()))
             .unwrap_or("-");
-        access_log::write_line(|line| {
-            line.addr("peer", self.peer);
-            if let Some(pod) = self.shared.pod.as_deref() {
-                line.quoted("pod", pod);
-            }
-            line.plain("proto", version_name(r.version))
-                .plain("method", r.method.as_str())
-                .quoted("host", host)
-                .quoted("path", r.uri.path())
-                .number("status", u64::from(self.status))
-                .plain("route", &r.labels.route)
-                .quoted("policy", &r.labels.policy)
-                .quoted("cors", r.outcome.as_str());
-            if let Some(upstream) = r.upstream {
-                line.addr("upstream", upstream);
-            }
-            line.number("bytes", self.bytes)
-                .millis("duration_ms", elapsed)
-                .flag("complete", self.complete);
-            if let Some(error) = r.error.as_deref() {
-                line.quoted("error", error);
-            }
-        });
+        AccessEntry {
+            peer: self.peer,
+            pod: self.shared.pod.as_deref(),
+            proto: version_name(r.version),
+            method: r.method.as_str(),
+            host,
+            path: r.uri.path(),
+            status: self.status,
+            route: &r.labels.route,
+            policy: &r.labels.policy,
+            cors: r.outcome.as_str(),
+            upstream: r.upstream,
+            bytes: self.bytes,
+            elapsed,
+            complete: self.complete,
+            error: r.error.as_deref(),
+        }
+        .write();
     }
 }
 
 /// Counts and logs a request head the agent refused before it could be read as a request
 /// (ambiguous framing, too large): like an answer on no route, with `-` for what is unknown.
 pub(super) fn report_refused(shared: &Shared, peer: SocketAddr, status: u16, reason: &str) {
-    shared.metrics.request_refused(shared.pod.as_ref(), status);
+    let cors = Outcome::NoPolicy.as_str();
+    let pod = shared.pod.as_ref();
+    shared
+        .metrics
+        .count_request(pod, "none".into(), cors, status);
     if !access_log::enabled() {
         return;
     }
-    access_log::write_line(|line| {
-        line.addr("peer", peer);
-        if let Some(pod) = shared.pod.as_deref() {
-            line.quoted("pod", pod);
-        }
-        line.plain("proto", "-")
-            .plain("method", "-")
-            .quoted("host", "-")
-            .quoted("path", "-")
-            .number("status", u64::from(status))
-            .plain("route", "none")
-            .quoted("policy", "none")
-            .quoted("cors", Outcome::NoPolicy.as_str())
-            .number("bytes", 0)
-            .millis("duration_ms", Duration::ZERO)
-            .flag("complete", true)
-            .quoted("error", reason);
-    });
+    AccessEntry {
+        peer,
+        pod: pod.map(|p| &**p),
+        proto: "-",
+        method: "-",
+        host: "-",
+        path: "-",
+        status,
+        route: "none",
+        policy: "none",
+        cors,
+        upstream: None,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        complete: true,
+        error: Some(reason),
+    }
+    .write();
+}
+
+/// What one access-log line says (written when the access log is on: callers ask first).
+struct AccessEntry<'a> {
+    peer: SocketAddr,
+    /// Node mode only.
+    pod: Option<&'a str>,
+    proto: &'a str,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    status: u16,
+    route: &'a str,
+    policy: &'a str,
+    cors: &'static str,
+    /// Where the request was forwarded; `None` when the agent answered.
+    upstream: Option<SocketAddr>,
+    bytes: u64,
+    elapsed: Duration,
+    complete: bool,
+    error: Option<&'a str>,
+}
+
+impl AccessEntry<'_> {
+    fn write(&self) {
+        access_log::write_line(|line| {
+            line.addr("peer", self.peer);
+            if let Some(pod) = self.pod {
+                line.quoted("pod", pod);
+            }
+            line.plain("proto", self.proto)
+                .plain("method", self.method)
+                .quoted("host", self.host)
+                .quoted("path", self.path)
+                .number("status", u64::from(self.status))
+                .plain("route", self.route)
+                .quoted("policy", self.policy)
+                .quoted("cors", self.cors);
+            if let Some(upstream) = self.upstream {
+                line.addr("upstream", upstream);
+            }
+            line.number("bytes", self.bytes)
+                .millis("duration_ms", self.elapsed)
+                .flag("complete", self.complete);
+            if let Some(error) = self.error {
+                line.quoted("error", error);
+            }
+        });
+    }
 }
 
 /// As `http::Version`'s `Debug` prints it.
